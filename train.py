@@ -1,0 +1,20 @@
+"""Pretrain a GPT: `python train.py [--config=PRESET] [--section.key=value ...]` (see --help)."""
+
+import sys
+
+from gptjax.config import parse_args
+from gptjax.errors import cli
+from gptjax.trainer import train
+
+INTRO = ("Pretrain a GPT on a text corpus. With no options: a small model on the Python standard\n"
+         "library's source, on this machine's CPU. Options come from a preset (--config) and then\n"
+         "the command line; names take '-' or '_'.")
+
+
+@cli
+def main(argv: list[str]) -> None:
+    train(parse_args(argv, prog="train.py", intro=INTRO))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
