@@ -32,7 +32,7 @@ def _check(ok: bool, message: str) -> None:
 class ModelConfig:
     n_layer: int = opt(4, "number of transformer blocks")
     n_head: int = opt(4, "attention heads per block")
-    n_embd: int = opt(256, "model width (must be a multiple of n_head)")
+    n_embd: int = opt(192, "model width (must be a multiple of n_head)")
     block_size: int = opt(128, "context length in tokens")
     vocab_size: int = opt(0, "vocabulary size; 0 takes the tokenizer's")
     pad_vocab_to: int = opt(64, "pad the embedding table to a multiple of this (padded ids are never predicted)")
@@ -71,12 +71,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = opt(16, "sequences per micro-batch, over all devices")
+    batch_size: int = opt(8, "sequences per micro-batch, over all devices")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    max_steps: int = opt(600, "optimizer steps")
+    max_steps: int = opt(400, "optimizer steps")
     lr: float = opt(2e-3, "peak learning rate")
     min_lr: float = opt(1e-4, "learning rate at the end of the cosine decay")
-    warmup_steps: int = opt(50, "linear warm-up steps")
+    warmup_steps: int = opt(40, "linear warm-up steps")
     weight_decay: float = opt(0.1, "AdamW weight decay, applied to matrices only")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
@@ -207,10 +207,9 @@ def _convert(key: str, raw: Any, tp) -> Any:
 
 def _unknown(key: str, valid: typing.Iterable[str], where: str) -> UserError:
     valid = sorted(valid)
-    hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if not hint:  # a right key in the wrong section: match on the part after the dot
-        tail = key.rsplit(".", 1)[-1]
-        hint = [v for v in valid if v.rsplit(".", 1)[-1] == tail][:1]
+    tail = key.rsplit(".", 1)[-1]
+    # a right key in the wrong section first, then the closest spelling
+    hint = [v for v in valid if v.rsplit(".", 1)[-1] == tail][:1] or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     suggestion = f" Did you mean --{hint[0]}?" if hint else ""
     return UserError(
         f"unknown option --{key}{where}.{suggestion} Valid options: {', '.join('--' + v for v in valid)}."

@@ -90,10 +90,12 @@ def _read_documents(files: list[Path], skip_binary: bool):
 
 
 def _split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every k-th chunk to validation, evenly spread; at least one chunk when there are two."""
     chunk = int(np.clip(len(tokens) // 64, 64, 8192))
-    period = max(2, round(1 / val_fraction))
-    chunk_id = np.arange(len(tokens)) // chunk
-    is_val = chunk_id % period == period - 1
+    n_chunks = -(-len(tokens) // chunk)
+    n_val = min(max(1, round(n_chunks * val_fraction)), n_chunks - 1)
+    val_chunks = ((np.arange(n_val) + 0.5) * n_chunks / max(n_val, 1)).astype(np.int64)
+    is_val = np.isin(np.arange(len(tokens)) // chunk, val_chunks)
     return tokens[~is_val], tokens[is_val]
 
 

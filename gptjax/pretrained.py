@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 from flax import nnx
 
 from gptjax.checkpoint import Checkpointer, find_checkpoint
@@ -59,7 +58,6 @@ def load(path: str | Path, step: int | None = None) -> Pretrained:
     config = from_dict(Config, meta["config"], where=" in the checkpoint's config")
     abstract = nnx.eval_shape(lambda: GPT(config.model, nnx.Rngs(0)))
     graphdef, params_like = nnx.split(abstract, nnx.Param)
-    params, _ = ckpt.restore(step, params_like)
+    params, _ = ckpt.restore(step, nnx.to_pure_dict(params_like))
     ckpt.close()
-    params = jax.tree.map(lambda x: x, params)
     return Pretrained(config, graphdef, params, step, run_dir)

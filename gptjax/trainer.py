@@ -45,7 +45,7 @@ def resolve(cfg: Config) -> Config:
 def init_model(cfg: Config):
     model = GPT(cfg.model, nnx.Rngs(params=jax.random.key(cfg.train.seed)))
     graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params
+    return graphdef, nnx.to_pure_dict(params)  # plain nested dicts: clean names in checkpoints
 
 
 def _fmt_time(seconds: float) -> str:
@@ -81,8 +81,12 @@ def _check_resumable(saved: dict, cfg: Config, run_dir: Path) -> None:
                         f"({'; '.join(diffs)}). Resume with the same settings, or start a new --out_dir.")
 
 
-def train(cfg: Config, log=print) -> dict:
-    """Train as `cfg` says; return the history (losses by step, validation losses by step)."""
+def train(cfg: Config, log=print, stop_after: int | None = None) -> dict:
+    """Train as `cfg` says; return the history (losses by step, validation losses by step).
+
+    `stop_after` ends the run early at that step with a checkpoint, as an interruption would;
+    the schedule still follows train.max_steps, so a resumed run continues exactly.
+    """
     cfg = resolve(cfg)
     t = cfg.train
     run_dir = Path(cfg.out_dir)
@@ -175,6 +179,7 @@ def train(cfg: Config, log=print) -> dict:
             log(f"step {done:>6} | loss {loss:.4f} | lr {lr:.2e} | {rate:,.0f} tok/s | left {_fmt_time(eta)}")
             window_start, window_steps = time.time(), 0
 
+    done = start
     for step in range(start, t.max_steps):
         x, y = data_lib.train_batch(ds, cfg.model.block_size, t.seed, step, t.grad_accum, t.batch_size)
         state, metrics = strategy.train_step(state, x, y, dropout_key)
@@ -184,7 +189,8 @@ def train(cfg: Config, log=print) -> dict:
             record(*pending)
         done, pending = step + 1, (step + 1, strategy.first(metrics))
         evaluating = done % t.eval_interval == 0 or done == t.max_steps
-        if evaluating or done % t.ckpt_interval == 0:
+        checkpointing = done % t.ckpt_interval == 0 or done == t.max_steps or done == stop_after
+        if evaluating or checkpointing:
             record(*pending)
             pending = None
         if evaluating:
@@ -192,13 +198,15 @@ def train(cfg: Config, log=print) -> dict:
             history["val_loss"][done] = last_val
             metrics_log.write({"step": done, "tokens": done * tokens_per_step, "val_loss": last_val})
             log(f"step {done:>6} | val loss {last_val:.4f}")
-        if done % t.ckpt_interval == 0 or done == t.max_steps:
+        if checkpointing:
             save(state, done, last_val if evaluating else None)
+        if done == stop_after:
+            break
     if pending is not None:
         record(*pending)
     ckpt.wait()
     ckpt.close()
-    log(f"done: {t.max_steps} steps in {_fmt_time(time.time() - t_start)}; checkpoints in {ckpt.directory}")
+    log(f"done: {done} steps in {_fmt_time(time.time() - t_start)}; checkpoints in {ckpt.directory}")
 
     if t.sample_tokens > 0:
         host = strategy.get_state(state)

@@ -1,0 +1,43 @@
+"""Four simulated CPU devices for every test (set before JAX is imported), and small shared fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import dataclasses  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from gptjax.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_corpus(path: Path, n_docs: int = 40) -> Path:
+    """A small corpus of varied, learnable text files."""
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        lines = [f"def function_{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(12)]
+        (path / f"doc{i:03d}.py").write_text("".join(lines))
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    return make_corpus(tmp_path / "corpus")
+
+
+def tiny_config(out_dir, corpus, **train) -> Config:
+    """A model small enough to compile and train in seconds."""
+    return Config(
+        out_dir=str(out_dir),
+        model=ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32),
+        data=DataConfig(corpus=str(corpus), tokenizer="byte", val_fraction=0.1),
+        train=dataclasses.replace(
+            TrainConfig(batch_size=8, max_steps=12, lr=3e-3, warmup_steps=2, eval_interval=6,
+                        eval_batches=2, log_interval=3, ckpt_interval=6, sample_tokens=0),
+            **train,
+        ),
+    )

@@ -1,0 +1,124 @@
+import dataclasses
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from conftest import ROOT
+from gptjax.config import (Config, ModelConfig, SampleConfig, flat_fields, from_dict, load_preset, parse_args,
+                           parse_flat, preset_names, to_toml)
+from gptjax.errors import UserError
+
+
+def test_defaults_and_overrides():
+    cfg = parse_args([])
+    assert cfg == Config()
+    cfg = parse_args(["--model.n_layer=3", "--model.n-head", "3", "--model.n_embd=96", "--train.resume",
+                      "--data.tokenizer=byte", "--train.lr=1e-4", "--out-dir=x"])
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (3, 3, 96)
+    assert cfg.train.resume is True and cfg.train.lr == 1e-4 and cfg.out_dir == "x"
+    assert cfg.data.tokenizer == "byte"
+    assert parse_args(["--train.resume=false"]).train.resume is False
+
+
+def test_required_names_exist():
+    keys = flat_fields(Config)
+    for name in ["config", "out_dir", "data.corpus", "data.tokenizer", "model.n_layer", "model.n_head",
+                 "model.n_embd", "model.block_size", "train.batch_size", "train.max_steps", "train.seed",
+                 "train.resume"]:
+        assert name in keys
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(UserError, match=r"unknown option --model.n_layr\. Did you mean --model.n_layer\?"):
+        parse_args(["--model.n_layr=2"])
+    # the right key in the wrong section
+    with pytest.raises(UserError, match=r"Did you mean --train.batch_size\?"):
+        parse_args(["--model.batch_size=2"])
+
+
+def test_wrong_type_and_choice():
+    with pytest.raises(UserError, match="--train.batch_size expects an integer, got 'many'"):
+        parse_args(["--train.batch_size=many"])
+    with pytest.raises(UserError, match="--train.resume expects true or false"):
+        parse_args(["--train.resume=maybe"])
+    with pytest.raises(UserError, match="must be one of 'gpt2', 'byte'.*Did you mean 'byte'"):
+        parse_args(["--data.tokenizer=bytes"])
+    with pytest.raises(UserError, match="--train.lr expects a number"):
+        parse_args(["--train.lr=fast"])
+
+
+def test_invalid_values_are_refused():
+    with pytest.raises(UserError, match="multiple of model.n_head"):
+        parse_args(["--model.n_embd=100", "--model.n_head=3"])
+    with pytest.raises(UserError, match="train.batch_size must be at least 1"):
+        parse_args(["--train.batch_size=0"])
+    with pytest.raises(UserError, match="unexpected argument"):
+        parse_args(["positional"])
+
+
+def test_cpu_preset_spells_out_the_defaults():
+    assert from_dict(Config, load_preset("cpu")) == Config()
+
+
+@pytest.mark.parametrize("name", ["cpu", "char", "gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b"])
+def test_presets_parse(name):
+    assert name in preset_names()
+    cfg = parse_args([f"--config={name}"])
+    assert cfg.config == name
+
+
+def test_gpt2_preset_shapes():
+    shapes = {"gpt2-124m": (12, 12, 768), "gpt2-350m": (24, 16, 1024),
+              "gpt2-774m": (36, 20, 1280), "gpt2-1.5b": (48, 25, 1600)}
+    for name, shape in shapes.items():
+        m = parse_args([f"--config={name}"]).model
+        assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (*shape, 1024)
+
+
+def test_command_line_overrides_preset():
+    cfg = parse_args(["--train.max_steps=7", "--config=char"])
+    assert cfg.train.max_steps == 7 and cfg.data.tokenizer == "byte"
+
+
+def test_bad_preset(tmp_path):
+    with pytest.raises(UserError, match="no preset 'gpt2-125m'.*Did you mean 'gpt2-124m'"):
+        parse_args(["--config=gpt2-125m"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nn_layers = 3\n")
+    with pytest.raises(UserError, match=r"unknown option --model.n_layers in preset .*Did you mean --model.n_layer\?"):
+        parse_args([f"--config={bad}"])
+    bad.write_text("[model]\nn_layer = 'three'\n")
+    with pytest.raises(UserError, match="expects an integer"):
+        parse_args([f"--config={bad}"])
+
+
+def test_toml_round_trip():
+    cfg = parse_args(["--config=char", "--data.corpus=a \"quoted\" path"])
+    assert from_dict(Config, tomllib.loads(to_toml(cfg))) == cfg
+
+
+def test_sample_config_flat():
+    cfg = parse_flat(SampleConfig, ["--prompt=hi", "--top-k=5", "--temperature=0"], prog="sample.py")
+    assert (cfg.prompt, cfg.top_k, cfg.temperature) == ("hi", 5, 0.0)
+    with pytest.raises(UserError, match="top_p must be in"):
+        parse_flat(SampleConfig, ["--top_p=0"], prog="sample.py")
+
+
+def test_help_lists_every_option_with_default():
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0
+    for key, (_, default, _) in flat_fields(Config).items():
+        assert f"--{key} (" in out.stdout
+        assert f"default {default!r}" in out.stdout or key == "config"
+    out = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--help"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and "--top_p" in out.stdout and "--checkpoint" in out.stdout
+
+
+def test_padded_vocab():
+    assert ModelConfig(vocab_size=50257).padded_vocab_size == 50304
+    assert ModelConfig(vocab_size=257).padded_vocab_size == 320
+    assert dataclasses.replace(ModelConfig(vocab_size=257), pad_vocab_to=1).padded_vocab_size == 257
