@@ -73,7 +73,7 @@ class DataConfig:
 class TrainConfig:
     batch_size: int = opt(8, "sequences per micro-batch, over all devices")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    max_steps: int = opt(400, "optimizer steps")
+    max_steps: int = opt(500, "optimizer steps")
     lr: float = opt(2e-3, "peak learning rate")
     min_lr: float = opt(1e-4, "learning rate at the end of the cosine decay")
     warmup_steps: int = opt(40, "linear warm-up steps")

@@ -1,0 +1,87 @@
+"""train.py and sample.py as a person runs them: real subprocesses, real exit codes and messages."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
+        "--data.tokenizer=byte", "--data.val_fraction=0.1", "--train.batch_size=8", "--train.eval_batches=2",
+        "--train.log_interval=5", "--train.warmup_steps=2", "--train.lr=3e-3"]
+
+
+def run(script, *args, stdin=None, env_devices=1):
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={env_devices}", "JAX_PLATFORMS": "cpu",
+           "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          input=stdin, cwd=ROOT, env=env, timeout=300)
+
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ")
+    for f in fragments:
+        assert f in proc.stderr, proc.stderr
+
+
+def test_train_then_sample(corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = run("train.py", *TINY, f"--data.corpus={corpus}", f"--out_dir={out}", "--train.max_steps=20",
+               "--train.eval_interval=10", "--train.ckpt_interval=10", "--train.sample_tokens=20")
+    assert proc.returncode == 0, proc.stderr
+    for fragment in ["val loss", "tok/s", "left", "sample:", "done: 20 steps"]:
+        assert fragment in proc.stdout
+    proc = run("sample.py", f"--checkpoint={out}", "--prompt=def ", "--max_new_tokens=16", "--num_samples=2",
+               "--temperature=0")
+    assert proc.returncode == 0, proc.stderr
+    samples = proc.stdout.split("-" * 40)
+    assert len(samples) == 2 and all(s.lstrip("\n").startswith("def ") for s in samples)
+    assert samples[0].strip("\n") == samples[1].strip("\n")  # greedy: both the same
+
+    proc = run("sample.py", f"--checkpoint={out}", "--max_new_tokens=8", stdin="    return ")
+    assert proc.returncode == 0 and proc.stdout.startswith("    return ")
+
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("x" * 100)
+    proc = run("sample.py", f"--checkpoint={out}", f"--prompt_file={prompt}", "--max_new_tokens=4")
+    assert proc.returncode == 0
+    assert "the prompt has 100 tokens, more than the context of 32; only its last 32 tokens are used" in proc.stderr
+
+    # continuing a finished run into more steps
+    proc = run("train.py", *TINY, f"--data.corpus={corpus}", f"--out_dir={out}", "--train.max_steps=25",
+               "--train.eval_interval=10", "--train.ckpt_interval=10", "--train.resume=true",
+               "--train.sample_tokens=0")
+    assert proc.returncode == 0, proc.stderr
+    assert "continuing from step 20" in proc.stdout and "done: 25 steps" in proc.stdout
+
+
+def test_bad_config_errors():
+    assert_user_error(run("train.py", "--model.n_layr=2"), "unknown option --model.n_layr", "--model.n_layer")
+    assert_user_error(run("train.py", "--train.max_steps=ten"), "--train.max_steps expects an integer, got 'ten'")
+    assert_user_error(run("train.py", "--config=nope"), "no preset 'nope'")
+
+
+def test_bad_corpus_errors(tmp_path):
+    assert_user_error(run("train.py", *TINY, f"--data.corpus={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'r'}"),
+                      "does not exist")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert_user_error(run("train.py", *TINY, f"--data.corpus={empty}", f"--out_dir={tmp_path / 'r'}"), "is empty")
+    small = tmp_path / "small.txt"
+    small.write_text("too short for one window\n")
+    assert_user_error(run("train.py", *TINY, f"--data.corpus={small}", f"--out_dir={tmp_path / 'r'}"),
+                      "too small for the context")
+
+
+def test_bad_checkpoint_errors(tmp_path):
+    assert_user_error(run("sample.py", f"--checkpoint={tmp_path / 'missing'}"), "does not exist")
+    (tmp_path / "empty_run").mkdir()
+    assert_user_error(run("sample.py", f"--checkpoint={tmp_path / 'empty_run'}"), "holds no checkpoint")
+
+
+@pytest.mark.parametrize("args", [["--temperature=-1"], ["--num_samples=0"], ["--bogus=1"]])
+def test_bad_sample_options(args, tmp_path):
+    assert run("sample.py", f"--checkpoint={tmp_path}", *args).returncode == 2
