@@ -9,7 +9,6 @@ and renames it when complete, so a crash mid-save never hides the last good chec
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -52,12 +51,14 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, params, opt_state, meta: dict) -> None:
-        """Start saving (asynchronously); call wait() before reading it back or exiting."""
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(flatten(params)),
-            opt_state=ocp.args.StandardSave(flatten(opt_state)),
-            meta=ocp.args.JsonSave(meta),
-        ))
+        """Start saving (asynchronously); call wait() before reading it back or exiting.
+
+        An empty `opt_state` ({}, as for converted weights) is left out: orbax refuses empty items.
+        """
+        items = {"params": ocp.args.StandardSave(flatten(params)), "meta": ocp.args.JsonSave(meta)}
+        if flatten(opt_state):
+            items["opt_state"] = ocp.args.StandardSave(flatten(opt_state))
+        self.manager.save(step, args=ocp.args.Composite(**items))
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -106,7 +107,3 @@ def find_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, in
     if not meta.exists():
         raise UserError(f"checkpoint {ckpt_dir / str(step)} is incomplete or corrupt: it has no meta item.")
     return path, step
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())

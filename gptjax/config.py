@@ -88,6 +88,7 @@ class TrainConfig:
     keep_checkpoints: int = opt(3, "how many recent checkpoints to keep")
     seed: int = opt(0, "seed for initialisation, batches and dropout")
     resume: bool = opt(False, "continue from the latest checkpoint in out_dir")
+    init_from: str = opt("", "fine-tune: start from these weights (a run directory or hf:DIR) and take their model shape")
     parallel: Literal["pmap"] = opt("pmap", "parallel strategy")
     devices: int = opt(0, "how many local devices to use; 0 uses all")
     sample_tokens: int = opt(120, "tokens to sample at the end of training; 0 for none")

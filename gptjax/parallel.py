@@ -53,7 +53,10 @@ class Pmap:
         self._sharding = NamedSharding(Mesh(np.array(devices), (AXIS,)), P(AXIS))
         inner = make_train_step(graphdef, tx, dropout, reduce=_pmean)
 
+        self.traces = 0  # how often the step was traced, i.e. compiled; once per run is right
+
         def train_step(state, x, y, key):
+            self.traces += 1
             # every replica draws its own dropout masks
             return inner(state, x, y, jax.random.fold_in(key, jax.lax.axis_index(AXIS)))
 

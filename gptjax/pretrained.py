@@ -48,7 +48,14 @@ class Pretrained:
 
 
 def load(path: str | Path, step: int | None = None) -> Pretrained:
-    """Restore the parameters of a run directory's latest checkpoint (or of `step`) on the default device."""
+    """Restore the parameters of a run directory's latest checkpoint (or of `step`) on the default device.
+
+    'hf:DIR' reads a local Hugging Face GPT-2 folder instead (gptjax.convert).
+    """
+    if str(path).startswith("hf:"):
+        from gptjax.convert import load_hf  # imported here: convert imports this module
+
+        return load_hf(path, step)
     run_dir, step = find_checkpoint(path, step)
     ckpt = Checkpointer(run_dir, create=False)
     try:

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax import data as data_lib
-from gptjax.checkpoint import Checkpointer
+from gptjax.checkpoint import CHECKPOINTS, Checkpointer
 from gptjax.config import Config, from_dict, to_dict, to_toml
 from gptjax.errors import UserError
 from gptjax.generate import generate_ids
@@ -81,6 +81,18 @@ def _check_resumable(saved: dict, cfg: Config, run_dir: Path) -> None:
                         f"({'; '.join(diffs)}). Resume with the same settings, or start a new --out_dir.")
 
 
+def _adopt_source_model(cfg: Config):
+    """For --train.init_from: the source's model shape (keeping this run's dropout and dtype) and its weights."""
+    from gptjax.convert import load_params  # the Hugging Face reader is needed only here
+
+    src, params = load_params(cfg.train.init_from)
+    if src.data.tokenizer != cfg.data.tokenizer:
+        raise UserError(f"--train.init_from={cfg.train.init_from} was trained with the {src.data.tokenizer} tokenizer, "
+                        f"but this run uses {cfg.data.tokenizer}; pass --data.tokenizer={src.data.tokenizer}.")
+    model = dataclasses.replace(src.model, dropout=cfg.model.dropout, dtype=cfg.model.dtype)
+    return dataclasses.replace(cfg, model=model), params
+
+
 def train(cfg: Config, log=print, stop_after: int | None = None) -> dict:
     """Train as `cfg` says; return the history (losses by step, validation losses by step).
 
@@ -88,12 +100,17 @@ def train(cfg: Config, log=print, stop_after: int | None = None) -> dict:
     the schedule still follows train.max_steps, so a resumed run continues exactly.
     """
     cfg = resolve(cfg)
+    init_params = None
+    if cfg.train.init_from:
+        cfg, init_params = _adopt_source_model(cfg)
     t = cfg.train
     run_dir = Path(cfg.out_dir)
     tok = get_tokenizer(cfg.data.tokenizer)
 
-    ckpt = Checkpointer(run_dir, keep=t.keep_checkpoints)
-    latest = ckpt.latest_step()
+    # open (and so create) the checkpoint folder only once the inputs have been checked
+    existing = (run_dir / CHECKPOINTS).is_dir()
+    ckpt = Checkpointer(run_dir, keep=t.keep_checkpoints, create=False) if existing else None
+    latest = ckpt.latest_step() if ckpt else None
     if latest is not None and not t.resume:
         raise UserError(f"{run_dir} already holds checkpoints (latest: step {latest}). Pass --train.resume=true "
                         "to continue that run, or choose another --out_dir; nothing was changed.")
@@ -106,12 +123,14 @@ def train(cfg: Config, log=print, stop_after: int | None = None) -> dict:
     check_divisible(t.batch_size, len(devices))
 
     ds = data_lib.prepare(cfg.data, Path(cfg.data.dir) if cfg.data.dir else run_dir / "data", log=log)
-    if ds.meta["tokenizer"] != tok.name:
-        raise UserError(f"the data in {cfg.data.dir} was prepared with the {ds.meta['tokenizer']} tokenizer, "
-                        f"but the model uses {tok.name}. Point --data.dir elsewhere or use the same tokenizer.")
     data_lib.check_fits(ds, cfg.model.block_size)
+    if ckpt is None:
+        ckpt = Checkpointer(run_dir, keep=t.keep_checkpoints)
 
     graphdef, params = init_model(cfg)
+    if init_params is not None and latest is None:
+        params = init_params
+        log(f"init: weights from {t.init_from}")
     tx = make_optimizer(t)
     opt_state = tx.init(params)
     start = 0
@@ -215,5 +234,6 @@ def train(cfg: Config, log=print, stop_after: int | None = None) -> dict:
                            seed=t.seed)[0]
         log("sample:\n" + tok.decode(ids))
     history["params"] = n_params
+    history["step_compilations"] = strategy.traces
     return history
 

@@ -20,10 +20,12 @@ def small(pos="learned"):
 
 def greedy_by_full_forward(graphdef, params, prompt, n):
     """The reference: no cache, the whole sequence through the model for every new token."""
-    model = nnx.merge(graphdef, params)
+    forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
     seq = list(prompt)
     for _ in range(n):
-        seq.append(int(jnp.argmax(model(jnp.asarray([seq]))[0, -1])))
+        padded = np.zeros((1, 32), np.int32)  # causal: what follows position len-1 does not matter
+        padded[0, :len(seq)] = seq
+        seq.append(int(jnp.argmax(forward(params, padded)[0, len(seq) - 1])))
     return seq[len(prompt):]
 
 

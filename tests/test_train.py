@@ -46,6 +46,7 @@ def test_training_lowers_validation_loss_and_writes_a_run(corpus, tmp_path):
     cfg = tiny_config(tmp_path / "run", corpus, max_steps=30, eval_interval=15, ckpt_interval=10)
     h = train(cfg, log=quiet)
     assert sorted(h["loss"]) == list(range(1, 31))
+    assert h["step_compilations"] == 1  # one pure step, compiled once, through evaluations and saves
     assert h["val_loss"][30] < h["val_loss"][0] - 1.0
     run = tmp_path / "run"
     assert (run / "config.toml").is_file() and (run / "data" / "meta.json").is_file()
@@ -134,4 +135,19 @@ def test_resume_without_checkpoint_starts_from_scratch(corpus, tmp_path):
 def test_batch_must_split_over_devices(corpus, tmp_path):
     with pytest.raises(UserError, match="does not split evenly over 4 devices; use 8 or 12"):
         train(tiny_config(tmp_path / "run", corpus, batch_size=10), log=quiet)
-    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    assert not (tmp_path / "run").exists()
+
+
+def test_fine_tune_from_a_run_directory(corpus, tmp_path):
+    base = train(tiny_config(tmp_path / "base", corpus, max_steps=6, eval_interval=6), log=quiet)
+    cfg = tiny_config(tmp_path / "tuned", corpus, max_steps=4, eval_interval=4, init_from=str(tmp_path / "base"))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_embd=64))  # the source's shape wins
+    logs = []
+    tuned = train(cfg, log=logs.append)
+    assert any("init: weights from" in m for m in logs)
+    assert tuned["val_loss"][0] == pytest.approx(base["val_loss"][6], rel=1e-6)
+    assert load(tmp_path / "tuned").config.model.n_embd == 32
+    with pytest.raises(UserError, match="trained with the byte tokenizer"):
+        bad = dataclasses.replace(cfg, out_dir=str(tmp_path / "bad"),
+                                  data=dataclasses.replace(cfg.data, tokenizer="gpt2"))
+        train(bad, log=quiet)
