@@ -3,6 +3,7 @@
 Dimension letters used in names and shape comments:
   B batch   T time (query positions)   S key/value positions (cache length)
   D model width   N heads   H head width   F feed-forward width (4D)   V padded vocabulary
+  X batch and heads together (B·N), the cache's leading dimension
 
 Parameter names follow GPT-2 (`wte`, `wpe`, `h`, `ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`,
 `mlp.c_fc`, `mlp.c_proj`, `ln_f`), so weight import is a name table. Linear kernels are stored
@@ -10,7 +11,8 @@ Parameter names follow GPT-2 (`wte`, `wpe`, `h`, `ln_1`, `attn.c_attn`, `attn.c_
 
 The KV cache is an explicit pytree, passed in and returned:
   {"index": int32 scalar (positions filled), "valid": bool (B, S) (keys that are real tokens,
-   not left padding), "layers": [{"k": (B, S, N, H), "v": (B, S, N, H)}, ...]}
+   not left padding), "layers": [{"k": (X, S, H), "v": (X, S, H)}, ...]}
+in the compute dtype, with X = B·N: row b·N + n holds head n of sequence b.
 """
 
 from __future__ import annotations
@@ -52,6 +54,17 @@ def sincos_encoding(positions_BT: jax.Array, d: int) -> jax.Array:
     return pe if d % 2 == 0 else jnp.pad(pe, ((0, 0), (0, 0), (0, 1)))
 
 
+def _cached_attention(q_XTH, k_XSH, v_XSH, mask_XTS):
+    """jax.nn.dot_product_attention's arithmetic (float32 scores and softmax) on the cache's layout."""
+    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q_XTH.dtype == jnp.bfloat16 else None
+    scores_XTS = jnp.einsum("XTH,XSH->XTS", q_XTH, k_XSH, precision=precision,
+                            preferred_element_type=jnp.promote_types(q_XTH.dtype, jnp.float32))
+    scores_XTS = scores_XTS * jnp.asarray(1.0 / math.sqrt(q_XTH.shape[-1]), scores_XTS.dtype)
+    scores_XTS = jnp.where(mask_XTS, scores_XTS, -0.7 * jnp.finfo(scores_XTS.dtype).max)
+    probs_XTS = jax.nn.softmax(scores_XTS.astype(jnp.float32), axis=-1).astype(k_XSH.dtype)
+    return jnp.einsum("XTS,XSH->XTH", probs_XTS, v_XSH)
+
+
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D = cfg.n_embd
@@ -68,15 +81,19 @@ class CausalSelfAttention(nnx.Module):
         if cache is None:
             y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True)
         else:
-            k_BSNH = jax.lax.dynamic_update_slice(cache["k"], k_BTNH.astype(cache["k"].dtype), (0, index, 0, 0))
-            v_BSNH = jax.lax.dynamic_update_slice(cache["v"], v_BTNH.astype(cache["v"].dtype), (0, index, 0, 0))
-            cache = {"k": k_BSNH, "v": v_BSNH}
-            S = k_BSNH.shape[1]
+            # the cache is kept (X, S, H), X = B·N rows of one head's keys or values: the attention
+            # dots read it as it lies, where other layouts cost the CPU a copy or a transpose per step
+            H = D // N
+            q_XTH, k_XTH, v_XTH = (a.transpose(0, 2, 1, 3).reshape(B * N, T, H) for a in (q_BTNH, k_BTNH, v_BTNH))
+            k_XSH = jax.lax.dynamic_update_slice(cache["k"], k_XTH.astype(cache["k"].dtype), (0, index, 0))
+            v_XSH = jax.lax.dynamic_update_slice(cache["v"], v_XTH.astype(cache["v"].dtype), (0, index, 0))
+            cache = {"k": k_XSH, "v": v_XSH}
+            S = k_XSH.shape[1]
             # key s is visible to query t when it is a real token and not in t's future
             causal_TS = jnp.arange(S)[None, :] <= (index + jnp.arange(T))[:, None]
-            mask_B1TS = (causal_TS[None, :, :] & valid_BS[:, None, :])[:, None]
-            y_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, k_BSNH.astype(q_BTNH.dtype), v_BSNH.astype(q_BTNH.dtype), mask=mask_B1TS)
+            mask_XTS = jnp.repeat(causal_TS[None, :, :] & valid_BS[:, None, :], N, axis=0)
+            y_XTH = _cached_attention(q_XTH, k_XSH.astype(q_XTH.dtype), v_XSH.astype(q_XTH.dtype), mask_XTS)
+            y_BTNH = y_XTH.reshape(B, N, T, H).transpose(0, 2, 1, 3)
         y_BTD = self.c_proj(y_BTNH.reshape(B, T, D))
         return self.resid_dropout(y_BTD, deterministic=deterministic, rngs=rngs), cache
 
@@ -152,7 +169,7 @@ class GPT(nnx.Module):
     def init_cache(self, batch_size: int, length: int | None = None, dtype=None):
         cfg = self.cfg
         S = length or cfg.block_size
-        shape = (batch_size, S, cfg.n_head, cfg.n_embd // cfg.n_head)
+        shape = (batch_size * cfg.n_head, S, cfg.n_embd // cfg.n_head)
         dtype = dtype or _dtype(cfg.dtype)
         return {
             "index": jnp.zeros((), jnp.int32),
@@ -160,11 +177,13 @@ class GPT(nnx.Module):
             "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)],
         }
 
-    def decode(self, idx_BT, cache, *, positions_BT=None, token_mask_BT=None):
+    def decode(self, idx_BT, cache, *, positions_BT=None, token_mask_BT=None, last_only=False):
         """Run T new tokens through the model on top of `cache`; return their logits and the new cache.
 
         `token_mask_BT` marks real tokens (False for left padding); `positions_BT` defaults to
-        the cache index onwards, which is right when no row is padded.
+        the cache index onwards, which is right when no row is padded. `last_only` returns the
+        logits of the last position alone (B, 1, V), all a prefill needs: the output layer is
+        the largest matrix, and a prompt's other positions would multiply by it for nothing.
         """
         B, T = idx_BT.shape
         index = cache["index"]
@@ -179,7 +198,7 @@ class GPT(nnx.Module):
             x_BTD, layer_cache = block(x_BTD, cache=layer_cache, index=index, valid_BS=valid_BS)
             layers.append(layer_cache)
         new_cache = {"index": index + T, "valid": valid_BS, "layers": layers}
-        return self._logits(x_BTD), new_cache
+        return self._logits(x_BTD[:, -1:] if last_only else x_BTD), new_cache
 
 
 def count_params(params) -> int:

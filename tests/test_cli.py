@@ -1,5 +1,8 @@
 """train.py and sample.py as a person runs them: real subprocesses, real exit codes and messages."""
 
+import json
+import os
+import pty
 import subprocess
 import sys
 
@@ -17,6 +20,26 @@ def run(script, *args, stdin=None, env_devices=1):
            "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           input=stdin, cwd=ROOT, env=env, timeout=300)
+
+
+def run_in_terminal(script, *args) -> tuple[int, str]:
+    """Run with standard output on a pseudo-terminal, as in a person's shell; return the code and the output."""
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], stdout=follower,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, cwd=ROOT, env=env)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # EIO: the process has closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    return proc.wait(timeout=300), b"".join(chunks).decode().replace("\r\n", "\n")
 
 
 def assert_user_error(proc, *fragments):
@@ -40,6 +63,29 @@ def test_train_then_sample(corpus, tmp_path):
     samples = proc.stdout.split("-" * 40)
     assert len(samples) == 2 and all(s.lstrip("\n").startswith("def ") for s in samples)
     assert samples[0].strip("\n") == samples[1].strip("\n")  # greedy: both the same
+
+    # in a terminal the text is streamed as it is decoded: the same text
+    code, streamed = run_in_terminal("sample.py", f"--checkpoint={out}", "--prompt=def ", "--max_new_tokens=16",
+                                     "--temperature=0")
+    assert code == 0 and streamed.strip("\n") == samples[0].strip("\n")
+
+    # many prompts from a file, the samples as JSONL
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "def ", "id": 7}\n\n{"prompt": "    return "}\n')
+    results = tmp_path / "samples.jsonl"
+    proc = run("sample.py", f"--checkpoint={out}", f"--prompts_file={prompts}", f"--output={results}",
+               "--max_new_tokens=16", "--temperature=0")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [line["prompt"] for line in lines] == ["def ", "    return "]
+    assert (lines[0]["prompt"] + lines[0]["completion"]).strip("\n") == samples[0].strip("\n")
+    assert {k: lines[1][k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")} == \
+        {"max_new_tokens": 16, "temperature": 0.0, "top_k": 200, "top_p": 1.0, "seed": 0}
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def \nclass \n")
+    proc = run("sample.py", f"--checkpoint={out}", f"--prompts_file={prompts}", "--num_samples=2",
+               "--max_new_tokens=8", "--temperature=1.0")
+    assert proc.returncode == 0 and proc.stdout.count("-" * 40) == 3
 
     proc = run("sample.py", f"--checkpoint={out}", "--max_new_tokens=8", stdin="    return ")
     assert proc.returncode == 0 and proc.stdout.startswith("    return ")
@@ -85,3 +131,13 @@ def test_bad_checkpoint_errors(tmp_path):
 @pytest.mark.parametrize("args", [["--temperature=-1"], ["--num_samples=0"], ["--bogus=1"]])
 def test_bad_sample_options(args, tmp_path):
     assert run("sample.py", f"--checkpoint={tmp_path}", *args).returncode == 2
+
+
+def test_bad_prompts_files(tmp_path):
+    assert_user_error(run("sample.py", f"--prompts_file={tmp_path / 'none.txt'}"), "prompts file", "does not exist")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    assert_user_error(run("sample.py", f"--prompts_file={bad}"), "line 2 of", 'no "prompt" field')
+    bad.write_text('{"prompt": "a"}\nnot json\n')
+    assert_user_error(run("sample.py", f"--prompts_file={bad}"), "line 2 of", "is not JSON")
+    assert_user_error(run("sample.py", "--prompt=a", f"--prompts_file={bad}"), "give one of --prompt")

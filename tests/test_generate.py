@@ -7,7 +7,7 @@ from flax import nnx
 from conftest import tiny_config
 from gptjax import load
 from gptjax.config import ModelConfig
-from gptjax.generate import bucket, filter_logits, generate_ids
+from gptjax.generate import bucket, filter_logits, generate_ids, stream_ids
 from gptjax.model import GPT
 from gptjax.trainer import train
 
@@ -72,9 +72,61 @@ def test_sampling_is_seeded():
 
 def test_generation_longer_than_the_context_continues():
     graphdef, params, _ = small()
-    out = generate_ids(graphdef, params, [list(range(40))], block_size=32, eot_id=-1, max_new_tokens=70,
-                       temperature=1.0, seed=0)[0]
+    kw = dict(block_size=32, eot_id=-1, max_new_tokens=70, temperature=1.0, seed=0)
+    out = generate_ids(graphdef, params, [list(range(40))], **kw)[0]
     assert len(out) == 70
+    assert generate_ids(graphdef, params, [list(range(40))], chunk=5, **kw)[0] == out  # streamed alike
+
+
+def count_compilations(fn) -> int:
+    """How many XLA compilations running `fn` caused."""
+    events = []
+
+    def listen(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    return len(events)
+
+
+def test_prompt_lengths_in_one_bucket_compile_once():
+    graphdef, params, _ = small()
+    # top_k=7: sampling no other test compiles, so the first call here compiles for certain
+    kw = dict(block_size=32, eot_id=-1, max_new_tokens=10, top_k=7)
+    first = count_compilations(lambda: generate_ids(graphdef, params, [[1, 2, 3]], temperature=0.8, seed=0, **kw))
+    assert first >= 2  # the prefill and the decoding loop at least
+    same_bucket = [  # prompt lengths 5 to 16 pad to 16; temperature, top-p, seed and streaming are arguments
+        lambda: generate_ids(graphdef, params, [list(range(1, 6))], temperature=0.5, seed=1, **kw),
+        lambda: generate_ids(graphdef, params, [list(range(1, 12))], temperature=1.3, seed=2, **kw),
+        lambda: generate_ids(graphdef, params, [list(range(16))], temperature=0.8, seed=3, chunk=3, **kw),
+        lambda: generate_ids(graphdef, params, [[4] * 9], temperature=0.8, seed=3, max_new_tokens=12,
+                             **{k: v for k, v in kw.items() if k != "max_new_tokens"}),  # 10 and 12 round to 16
+    ]
+    assert [count_compilations(fn) for fn in same_bucket] == [0, 0, 0, 0]
+    next_bucket = count_compilations(lambda: generate_ids(graphdef, params, [list(range(20))], temperature=0.8, **kw))
+    assert next_bucket > 0  # a 20-token prompt pads to 32: the counting sees compilations
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_streamed_tokens_are_the_generated_tokens(temperature):
+    graphdef, params, _ = small()
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11], [42]]
+    kw = dict(block_size=32, max_new_tokens=20, temperature=temperature, top_k=30, top_p=0.9, seed=5)
+    free = generate_ids(graphdef, params, prompts, eot_id=-1, **kw)
+    eot = free[1][6]  # a token row 1 produces: with it as end-of-text, rows stop at different times
+    whole = generate_ids(graphdef, params, prompts, eot_id=eot, **kw)
+    assert len(whole[1]) <= 6 and all(eot not in row for row in whole)
+    for chunk in (1, 4):
+        for eot_id, expected in ((-1, free), (eot, whole)):
+            pieces = list(stream_ids(graphdef, params, prompts, eot_id=eot_id, chunk=chunk, **kw))
+            assert [sum((p[r] for p in pieces), []) for r in range(3)] == expected
+            if eot_id == -1:  # the first token alone (from the prefill), then 19 in chunks
+                assert len(pieces) == 1 + -(-19 // chunk)
 
 
 def test_bucket():
