@@ -1,8 +1,17 @@
-"""Parallel strategies: how the one training step is spread over devices.
+"""Parallel strategies: how the one training step is spread over devices, on one host or many.
 
 `pmap` (the default): parameters and optimizer state replicated on every device, each device
 takes an equal slice of the global batch, and gradients and loss are averaged with
 `lax.pmean`. One device runs the same code with a device axis of one.
+
+`fsdp`: the same step compiled with `jax.jit` over a one-axis device mesh. Every parameter and
+optimizer-state leaf is split along one of its dimensions (ZeRO-3, fully sharded data parallel),
+the batch along its batch axis, and XLA inserts the all-gathers and reduce-scatters. jit sees
+the global batch, so the loss's own mean is already the mean over all devices: no `reduce`.
+
+Both take the global batch in its natural layout (micro-batch A, row B, position T) and span
+every device of every process: with several processes, each one passes only its own rows
+(`rows`), and the union over processes is the global batch one process would have read.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -21,39 +31,76 @@ AXIS = "data"
 
 
 def select_devices(count: int = 0) -> list:
-    devices = jax.local_devices()
-    if count <= 0:
-        return devices
-    if count > len(devices):
-        raise UserError(f"--train.devices={count} asks for more devices than the {len(devices)} this process sees.")
-    return devices[:count]
+    """`count` devices of this process (0: all), and as many of every other process's, process by process."""
+    local = jax.local_devices()
+    if count > len(local):
+        raise UserError(f"--train.devices={count} asks for more devices than the {len(local)} this process sees.")
+    count = count or len(local)
+    if jax.process_count() == 1:
+        return local[:count]
+    # the same list on every process; a process's devices stay together, as its rows of the batch do
+    return [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)[:count]]
 
 
-def check_divisible(batch_size: int, n_devices: int, what: str = "--train.batch_size") -> None:
-    if batch_size % n_devices:
-        lower = batch_size // n_devices * n_devices
-        upper = lower + n_devices
-        options = " or ".join(str(v) for v in (lower, upper) if v > 0)
-        raise UserError(
-            f"{what}={batch_size} does not split evenly over {n_devices} devices; use {options} "
-            f"(a multiple of {n_devices}), or --train.devices to use fewer devices."
-        )
+def describe(devices: list) -> str:
+    """'8 cpu devices (2 processes x 4)'."""
+    return _count(len(devices), jax.process_count(), f"{devices[0].platform} ")
 
 
-def _pmean(tree):
-    return jax.lax.pmean(tree, AXIS)
+def _count(n: int, processes: int = 1, kind: str = "") -> str:
+    per = f" ({processes} processes x {n // processes})" if processes > 1 else ""
+    return f"{n} {kind}device{'s' if n > 1 else ''}{per}"
 
 
-class Pmap:
+def plan_batch(batch_size: int, grad_accum: int, n: int, processes: int = 1) -> tuple[int, int]:
+    """(micro-batches, rows per micro-batch) for a step of batch_size x grad_accum sequences on n devices.
+
+    Every micro-batch must split evenly over the devices. When batch_size does not but the whole
+    step does and gradient accumulation was asked for (grad_accum > 1), the step's rows are re-cut
+    into equal micro-batches that do: the same rows and the same mean loss, so the same update up
+    to float rounding. Otherwise the nearest valid sizes are named; this runs before any compilation.
+    """
+    if batch_size % n == 0:
+        return grad_accum, batch_size
+    total = batch_size * grad_accum
+    if grad_accum > 1 and total % n == 0:
+        micro = min((m for m in range(n, total + 1, n) if total % m == 0), key=lambda m: (abs(m - batch_size), m))
+        return total // micro, micro
+    lower = batch_size // n * n
+    options = " or ".join(str(v) for v in (lower, lower + n) if v > 0)
+    raise UserError(
+        f"--train.batch_size={batch_size} does not split evenly over {_count(n, processes)}; use {options} "
+        f"(a multiple of {n}), or --train.devices to use fewer devices per process, or a --train.grad_accum "
+        f"that makes batch_size x grad_accum a multiple of {n} (the micro-batches are then re-cut to fit)."
+    )
+
+
+class _Strategy:
+    def __init__(self, devices: list):
+        self.devices, self.n = devices, len(devices)
+        self.mesh = Mesh(np.array(devices), (AXIS,))
+        self.local_devices = [d for d in devices if d.process_index == jax.process_index()]
+        self.traces = 0  # how often the step was traced, i.e. compiled; once per run is right
+
+    def rows(self, batch_size: int) -> slice:
+        """This process's rows of every global (micro-)batch: the p-th of equal parts."""
+        share = batch_size // jax.process_count()
+        return slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+
+    @staticmethod
+    def _key_like():
+        return jax.eval_shape(lambda: jax.random.key(0))
+
+
+class Pmap(_Strategy):
     """Replicated state, batch split over the leading device axis."""
 
-    def __init__(self, graphdef, tx: optax.GradientTransformation, dropout: float, devices: list):
-        self.devices = devices
-        self.n = len(devices)
-        self._sharding = NamedSharding(Mesh(np.array(devices), (AXIS,)), P(AXIS))
-        inner = make_train_step(graphdef, tx, dropout, reduce=_pmean)
-
-        self.traces = 0  # how often the step was traced, i.e. compiled; once per run is right
+    def __init__(self, graphdef, tx: optax.GradientTransformation, dropout: float, devices: list,
+                 skip_nonfinite: bool = False):
+        super().__init__(devices)
+        # pmap takes and returns host-local arrays: a leading axis over this process's devices only
+        self._local = NamedSharding(Mesh(np.array(self.local_devices), (AXIS,)), P(AXIS))
+        inner = make_train_step(graphdef, tx, dropout, reduce=_pmean, skip_nonfinite=skip_nonfinite)
 
         def train_step(state, x, y, key):
             self.traces += 1
@@ -63,24 +110,37 @@ class Pmap:
         self._train = jax.pmap(train_step, AXIS, in_axes=(0, 0, 0, None), donate_argnums=(0,), devices=devices)
         self._eval = jax.pmap(make_eval_step(graphdef, reduce=_pmean), AXIS, devices=devices)
 
+    def shardings(self, tree):
+        """The layout of one replica: whole on every device."""
+        return jax.tree.map(lambda _: NamedSharding(self.mesh, P()), tree)
+
     def put_state(self, state):
-        """One copy of every leaf per device, stacked on a leading device axis."""
+        """One copy of every leaf per local device, stacked on a leading device axis."""
         def replicate(x):
             x = jnp.asarray(x)
-            shards = [jax.device_put(x[None], d) for d in self.devices]
-            return jax.make_array_from_single_device_arrays((self.n, *x.shape), self._sharding, shards)
+            shards = [jax.device_put(x[None], d) for d in self.local_devices]
+            return jax.make_array_from_single_device_arrays((len(shards), *x.shape), self._local, shards)
 
         return jax.tree.map(replicate, state)
 
     def get_state(self, state):
-        """The state as one copy on the host's default device (replicas are identical)."""
-        return jax.tree.map(lambda x: x[0], state)
+        """One replica, to save: on one device in one process. With several processes, a global array
+        replicated over every device, which every process hands to orbax and process 0 writes."""
+        if jax.process_count() == 1:
+            return jax.tree.map(lambda x: x[0], state)
+        replicated = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
+            x.shape[1:], replicated, [s.data[0] for s in x.addressable_shards]), state)
 
-    def _split(self, x: np.ndarray, axis: int) -> np.ndarray:
-        """(…, b, …) → (n, …, b/n, …): device-major, so device i gets rows [i·b/n, (i+1)·b/n)."""
-        shape = x.shape
-        x = x.reshape(*shape[:axis], self.n, shape[axis] // self.n, *shape[axis + 1:])
-        return jax.device_put(np.moveaxis(x, axis, 0), self._sharding)
+    def host_params(self, state):
+        """A full copy of the parameters in host memory (every process has one already)."""
+        return jax.tree.map(lambda x: np.asarray(x[0]), state["params"])
+
+    def _split(self, x: np.ndarray, axis: int):
+        """(…, b, …) → (n, …, b/n, …): device-major, so local device i gets rows [i·b/n, (i+1)·b/n)."""
+        n, shape = len(self.local_devices), x.shape
+        x = x.reshape(*shape[:axis], n, shape[axis] // n, *shape[axis + 1:])
+        return jax.device_put(np.moveaxis(x, axis, 0), self._local)
 
     def train_step(self, state, x_ABT, y_ABT, key):
         return self._train(state, self._split(x_ABT, 1), self._split(y_ABT, 1), key)
@@ -92,3 +152,101 @@ class Pmap:
     def first(metrics):
         """Per-device metrics (already averaged) → one value each."""
         return jax.tree.map(lambda m: m[0], metrics)
+
+    def lower(self, state, x_ABT):
+        """The step lowered for abstract inputs (global shapes, no device axis), for a memory report."""
+        A, B, T = x_ABT.shape
+        x = jax.ShapeDtypeStruct((self.n, A, B // self.n, T), x_ABT.dtype)
+        state = jax.tree.map(lambda s: jax.ShapeDtypeStruct((self.n, *s.shape), s.dtype), state)
+        return self._train.lower(state, x, x, self._key_like())
+
+
+def _pmean(tree):
+    return jax.lax.pmean(tree, AXIS)
+
+
+class Fsdp(_Strategy):
+    """State sharded over the devices leaf by leaf, batch sharded by rows, one jit-compiled step."""
+
+    def __init__(self, graphdef, tx: optax.GradientTransformation, dropout: float, devices: list,
+                 skip_nonfinite: bool = False):
+        super().__init__(devices)
+        self._step = make_train_step(graphdef, tx, dropout, skip_nonfinite=skip_nonfinite)
+        self._eval_step = make_eval_step(graphdef)
+        self._replicated = NamedSharding(self.mesh, P())
+        self._rows = {2: NamedSharding(self.mesh, P(AXIS)), 3: NamedSharding(self.mesh, P(None, AXIS))}
+        self._train = self._eval = self._key = None
+
+    def spec(self, shape: tuple) -> P:
+        """Split the largest dimension the device count divides; replicate a leaf that has none."""
+        dims = sorted((i for i, size in enumerate(shape) if size % self.n == 0), key=lambda i: -shape[i])
+        return P(*[AXIS if i == dims[0] else None for i in range(len(shape))]) if dims else P()
+
+    def shardings(self, tree):
+        return jax.tree.map(lambda x: NamedSharding(self.mesh, self.spec(np.shape(x))), tree)
+
+    def _compile(self, state) -> None:
+        """Wrap the step once the state's shapes, and so its shardings, are known."""
+        if self._train is not None:
+            return
+        sh, rows = self.shardings(state), self._rows[3]
+
+        def train_step(state, x, y, key):
+            self.traces += 1
+            return self._step(state, x, y, key)
+
+        self._train = jax.jit(train_step, in_shardings=(sh, rows, rows, self._replicated),
+                              out_shardings=(sh, self._replicated), donate_argnums=(0,))
+        self._eval = jax.jit(self._eval_step, in_shardings=(sh["params"], self._rows[2], self._rows[2]),
+                             out_shardings=self._replicated)
+
+    def put_state(self, state):
+        """Each device gets its slice of every leaf (each process holds the whole state to begin with)."""
+        self._compile(state)
+
+        def put(x, sharding):
+            host = np.asarray(x)
+            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+        return jax.tree.map(put, state, self.shardings(state))
+
+    def get_state(self, state):
+        """The sharded state as it is: orbax writes each shard from the process that holds it."""
+        return state
+
+    def host_params(self, state):
+        """A full copy of the parameters in host memory: a collective, every process must call it."""
+        return multihost_utils.process_allgather(state["params"], tiled=True)
+
+    def _global(self, x: np.ndarray, axis: int):
+        """This process's rows → the global batch, sharded by rows over every device."""
+        shape = list(x.shape)
+        shape[axis] *= jax.process_count()
+        return jax.make_array_from_process_local_data(self._rows[x.ndim], x, tuple(shape))
+
+    def _replicate_key(self, key):
+        """The same key on every device of every process (device_put cannot reach other processes' devices)."""
+        data = np.asarray(jax.random.key_data(key))
+        if self._key is None or not np.array_equal(self._key[0], data):
+            on_all = jax.make_array_from_callback(data.shape, self._replicated, lambda index: data[index])
+            self._key = data, jax.random.wrap_key_data(on_all, impl=jax.random.key_impl(key))
+        return self._key[1]
+
+    def train_step(self, state, x_ABT, y_ABT, key):
+        return self._train(state, self._global(x_ABT, 1), self._global(y_ABT, 1), self._replicate_key(key))
+
+    def eval_loss(self, state, x_BT, y_BT):
+        return self._eval(state["params"], self._global(x_BT, 0), self._global(y_BT, 0)).addressable_data(0)
+
+    @staticmethod
+    def first(metrics):
+        """Metrics are replicated scalars: this process's copy."""
+        return jax.tree.map(lambda m: m.addressable_data(0), metrics)
+
+    def lower(self, state, x_ABT):
+        """The step lowered for abstract inputs (global shapes), for a memory report."""
+        self._compile(state)
+        return self._train.lower(state, x_ABT, x_ABT, self._key_like())
+
+
+STRATEGIES = {"pmap": Pmap, "fsdp": Fsdp}

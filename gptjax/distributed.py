@@ -1,0 +1,144 @@
+"""Many hosts: start JAX's multi-process runtime, one process per host, before any computation.
+
+Where JAX can find the cluster by itself (SLURM, Open MPI, a TPU pod) it does; elsewhere the
+processes are started by hand with --dist.coordinator (process 0's host:port),
+--dist.num_processes and --dist.process_id. Nothing here is a launcher or a transport of its
+own: it only checks the inputs and bounds the wait.
+
+JAX ends a process with a C++ abort and a stack trace when the coordinator cannot be reached in
+time; a process that is not 0 therefore first waits until the coordinator accepts connections,
+and a watchdog ends any process that is still waiting with a message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable
+
+import jax
+
+from gptjax.config import DistConfig
+from gptjax.errors import UserError
+
+# JAX's own limit is set past ours, so that our message, not its abort, ends a process that waits too long
+JAX_GRACE_S = 30
+
+
+def detect_cluster() -> str:
+    """The name of a multi-process job JAX can read from the environment, or '' for a single process."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_NODELIST" in os.environ:
+        return "SLURM"  # inside srun with several tasks
+    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "Open MPI"
+    return ""
+
+
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        socket.getaddrinfo(host, int(port))
+    except socket.gaierror as e:
+        raise UserError(f"the coordinator address {address} does not resolve ({e.strerror}); give process 0's "
+                        "host name or IP address in --dist.coordinator.") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(2.0, timeout)):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise UserError(f"cannot reach the coordinator at {address} within {timeout:g} s. Start process 0 "
+                                "(--dist.process_id=0) on that host first, check the address and that the port is "
+                                "open between the hosts, or raise --dist.timeout.") from None
+            time.sleep(0.2)
+
+
+@contextmanager
+def _watchdog(seconds: float, message: str):
+    """Exit with `message` (status 2) if the body is still running after `seconds`."""
+    def give_up():
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def initialize(cfg: DistConfig) -> str:
+    """Join the other processes if this run is one of several; return how it started ('' for one process)."""
+    if jax.distributed.is_initialized():
+        return "already started"
+    how = "auto" if cfg.coordinator == "auto" else (f"--dist.coordinator={cfg.coordinator}" if cfg.coordinator
+                                                       else detect_cluster())
+    if not how:
+        return ""
+    kwargs = {"initialization_timeout": cfg.timeout + JAX_GRACE_S}
+    if cfg.num_processes:
+        kwargs["num_processes"] = cfg.num_processes
+    if cfg.process_id >= 0:
+        kwargs["process_id"] = cfg.process_id
+    start = time.monotonic()
+    if how.startswith("--dist"):
+        kwargs["coordinator_address"] = cfg.coordinator
+        if cfg.process_id != 0:
+            _wait_for_coordinator(cfg.coordinator, cfg.timeout)
+        message = (f"process {cfg.process_id} of {cfg.num_processes} reached the coordinator at {cfg.coordinator}, "
+                   f"but not all {cfg.num_processes} processes joined within {cfg.timeout} s. Start every process "
+                   "with the same --dist.coordinator and --dist.num_processes and its own --dist.process_id "
+                   f"(0 to {cfg.num_processes - 1}), or raise --dist.timeout.")
+    else:
+        job = "cluster" if how == "auto" else how
+        message = (f"the processes of this {job} job did not all join within {cfg.timeout} s; check that every "
+                   "task runs train.py, or raise --dist.timeout.")
+    # CPU devices talk to other processes through gloo (the GPU and TPU runtimes bring their own)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    with _watchdog(max(cfg.timeout - (time.monotonic() - start), 1.0), message):
+        try:
+            jax.distributed.initialize(**kwargs)
+        except (ValueError, RuntimeError) as e:  # e.g. 'auto' on a machine that is no cluster JAX knows
+            raise UserError(f"could not start the multi-process runtime ({how}): {str(e).rstrip('.')}. Give "
+                            "--dist.coordinator=HOST:PORT (process 0's address), --dist.num_processes and "
+                            "--dist.process_id instead.") from None
+    return how
+
+
+def is_primary() -> bool:
+    """Process 0 speaks for the run: progress, logs and files beside the checkpoints."""
+    return jax.process_index() == 0
+
+
+def process_0_first(fn: Callable):
+    """Run `fn` on process 0, then on the others: they find process 0's files on a shared disk, or
+    make their own on a disk of their own, never writing the same file at the same time."""
+    if jax.process_count() == 1:
+        return fn()
+    result = fn() if is_primary() else None
+    sync("gptjax: process 0 first")
+    return result if is_primary() else fn()
+
+
+def sync(name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+class Silent:
+    """Stands in for the metrics log on processes other than 0."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
