@@ -1,5 +1,6 @@
 """Pretrain a GPT: `python train.py [--config=PRESET] [--section.key=value ...]` (see --help)."""
 
+import signal
 import sys
 
 from gptjax.config import parse_args
@@ -13,7 +14,9 @@ INTRO = ("Pretrain a GPT on a text corpus. With no options: a small model on the
 
 @cli
 def main(argv: list[str]) -> None:
-    train(parse_args(argv, prog="train.py", intro=INTRO))
+    history = train(parse_args(argv, prog="train.py", intro=INTRO))
+    if history["interrupted"]:  # saved and stopped on a signal: exit as that signal would, 128 + its number
+        sys.exit(128 + getattr(signal, history["interrupted"]))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
 
 from gptjax.errors import UserError
 
@@ -34,14 +35,21 @@ def unflatten(template, flat: dict):
 
 
 def _abstract(tree, device=None):
-    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    # this process's own device: with several processes, jax.devices()[0] may be another host's
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), flatten(tree))
 
 
 class Checkpointer:
     def __init__(self, run_dir: str | Path, keep: int = 3, create: bool = True):
+        """Keep the `keep` latest checkpoints and, beside them, the one with the lowest validation loss."""
         self.directory = Path(run_dir).absolute() / CHECKPOINTS
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+        policy = cm.AnyPreservationPolicy([
+            cm.LatestN(n=keep),
+            cm.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+                     keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=create)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def all_steps(self) -> list[int]:
@@ -58,10 +66,24 @@ class Checkpointer:
         items = {"params": ocp.args.StandardSave(flatten(params)), "meta": ocp.args.JsonSave(meta)}
         if flatten(opt_state):
             items["opt_state"] = ocp.args.StandardSave(flatten(opt_state))
-        self.manager.save(step, args=ocp.args.Composite(**items))
+        val_loss = meta.get("val_loss")
+        metrics = {"val_loss": float(val_loss)} if val_loss is not None else None
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
 
     def read_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:
+            raise self.unreadable(step, e) from None
+
+    def unreadable(self, step: int, error: Exception) -> UserError:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        others = [s for s in self.all_steps() if s != step]
+        hint = (f" Other checkpoints here: steps {', '.join(map(str, others))}; choose one with --step "
+                "(sample.py, gptjax.load) or move this one aside to resume from the one before."
+                if others else "")
+        return UserError(f"checkpoint {self.directory / str(step)} cannot be read: it is corrupt or does not "
+                         f"match this model ({first_line}).{hint}")
 
     def restore(self, step: int, params_like, opt_state_like=None):
         """Restore into the structures of the given templates (arrays or shape/dtype structs)."""
@@ -70,8 +92,8 @@ class Checkpointer:
             items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise UserError(f"checkpoint {self.directory / str(step)} does not match this model: {e}") from None
+        except Exception as e:  # orbax and tensorstore raise many kinds; all mean "unusable"
+            raise self.unreadable(step, e) from None
         params = unflatten(params_like, restored["params"])
         opt_state = unflatten(opt_state_like, restored["opt_state"]) if opt_state_like is not None else None
         return params, opt_state

@@ -89,8 +89,10 @@ class TrainConfig:
     seed: int = opt(0, "seed for initialisation, batches and dropout")
     resume: bool = opt(False, "continue from the latest checkpoint in out_dir")
     init_from: str = opt("", "fine-tune: start from these weights (a run directory or hf:DIR) and take their model shape")
-    parallel: Literal["pmap"] = opt("pmap", "parallel strategy")
-    devices: int = opt(0, "how many local devices to use; 0 uses all")
+    parallel: Literal["pmap", "fsdp"] = opt("pmap", "parallel strategy: pmap replicates the model on every device; "
+                                            "fsdp shards parameters and optimizer state over them")
+    devices: int = opt(0, "how many devices of each process to use; 0 uses all")
+    on_nonfinite: Literal["stop", "skip"] = opt("stop", "a NaN or infinite loss or gradient: stop the run, or skip that update")
     sample_tokens: int = opt(120, "tokens to sample at the end of training; 0 for none")
 
     def __post_init__(self):
@@ -104,12 +106,38 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DistConfig:
+    coordinator: str = opt("", "host:port of process 0, for processes started by hand; 'auto': let JAX detect the "
+                               "cluster (SLURM, Open MPI, TPU pod); empty: one process, unless SLURM or Open MPI "
+                               "started several")
+    num_processes: int = opt(0, "how many processes in all (with --dist.coordinator=host:port)")
+    process_id: int = opt(-1, "this process's index, 0 to num_processes - 1 (with --dist.coordinator=host:port)")
+    timeout: int = opt(300, "seconds to wait for the coordinator and every process before giving up")
+
+    def __post_init__(self):
+        _check(self.timeout >= 1, f"dist.timeout must be at least 1 second, got {self.timeout}.")
+        if self.coordinator in ("", "auto"):
+            _check(self.coordinator == "auto" or (self.num_processes, self.process_id) == (0, -1),
+                   "--dist.num_processes and --dist.process_id need --dist.coordinator=host:port (process 0's "
+                   "address), or --dist.coordinator=auto on a cluster JAX detects.")
+            return
+        host, colon, port = self.coordinator.rpartition(":")
+        _check(bool(host and colon) and port.isdigit() and 0 < int(port) < 65536,
+               f"--dist.coordinator must be host:port (e.g. 10.0.0.1:1234), 'auto' or empty; got {self.coordinator!r}.")
+        _check(self.num_processes >= 1, f"--dist.coordinator={self.coordinator} needs --dist.num_processes "
+                                        f"(how many processes in all); got {self.num_processes}.")
+        _check(0 <= self.process_id < self.num_processes,
+               f"--dist.process_id must be this process's index, 0 to {self.num_processes - 1}; got {self.process_id}.")
+
+
+@dataclass(frozen=True)
 class Config:
     config: str = opt("", "a preset: a name in configs/ (cpu, char, gpt2-124m, …) or a path to a .toml file")
     out_dir: str = opt("out/run", "run directory: checkpoints, metrics, prepared data")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 @dataclass(frozen=True)
@@ -124,9 +152,15 @@ class SampleConfig:
     top_k: int = opt(200, "keep only the k most likely tokens; 0 keeps all")
     top_p: float = opt(1.0, "nucleus sampling: keep the smallest set with this much probability")
     seed: int = opt(0, "sampling seed")
+    stream: bool = opt(True, "print a single sample token by token as it is decoded, when standard output is a terminal")
+    prompts_file: str = opt("", "many prompts: a text file with one prompt per line, or a .jsonl file with a "
+                                "\"prompt\" field on each line")
+    output: str = opt("", "write the samples to this JSONL file, one line each: prompt, completion and the controls")
+    batch_size: int = opt(16, "prompts decoded together")
 
     def __post_init__(self):
         _check(self.num_samples >= 1, f"num_samples must be at least 1, got {self.num_samples}.")
+        _check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}.")
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
         _check(self.temperature >= 0, f"temperature must be 0 (greedy) or positive, got {self.temperature}.")
         _check(self.top_k >= 0, f"top_k must be 0 (off) or positive, got {self.top_k}.")

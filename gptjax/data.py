@@ -122,8 +122,12 @@ def _load(data_dir: Path, meta: dict) -> Dataset:
     return Dataset(train, val, meta)
 
 
-def prepare(cfg: DataConfig, data_dir: str | Path, log=print) -> Dataset:
-    """Tokenize the corpus into `data_dir` once; reuse the shards while corpus and tokenizer stay the same."""
+def prepare(cfg: DataConfig, data_dir: str | Path, log=print, shared: bool = False) -> Dataset:
+    """Tokenize the corpus into `data_dir` once; reuse the shards while corpus and tokenizer stay the same.
+
+    A `shared` folder (named by --data.dir, perhaps used by other runs) holding shards of another
+    tokenizer is refused rather than overwritten.
+    """
     data_dir = Path(data_dir)
     files = corpus_files(cfg.corpus)
     fingerprint = _fingerprint(files, cfg.tokenizer, cfg.val_fraction)
@@ -136,6 +140,10 @@ def prepare(cfg: DataConfig, data_dir: str | Path, log=print) -> Dataset:
         if meta.get("fingerprint") == fingerprint:
             log(f"data: reusing {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens in {data_dir}")
             return _load(data_dir, meta)
+        if meta and shared and meta.get("tokenizer") != cfg.tokenizer:
+            raise UserError(f"{data_dir} holds token shards of the {meta.get('tokenizer')} tokenizer, but this run "
+                            f"uses {cfg.tokenizer}. Give another --data.dir (or leave it empty for <out_dir>/data), "
+                            f"or --data.tokenizer={meta.get('tokenizer')}; the shards were left as they are.")
         if meta:
             why = ("tokenizer changed" if meta.get("tokenizer") != cfg.tokenizer else "corpus changed")
             log(f"data: {why} since {data_dir} was prepared; tokenizing again")
@@ -197,13 +205,17 @@ def get_batch(tokens: np.ndarray, block_size: int, offsets: np.ndarray):
 TRAIN_STREAM, VAL_STREAM = 0, 1
 
 
-def train_batch(ds: Dataset, block_size: int, seed: int, step: int, grad_accum: int, batch_size: int):
-    """The global batch of optimizer step `step`: (grad_accum, batch_size, T) inputs and targets."""
+def train_batch(ds: Dataset, block_size: int, seed: int, step: int, grad_accum: int, batch_size: int,
+                rows: slice = slice(None)):
+    """The global batch of optimizer step `step`: (grad_accum, batch_size, T) inputs and targets.
+
+    `rows` reads only those rows of every micro-batch: one process's part of the global batch.
+    """
     offsets = batch_offsets(ds.train.size, block_size, seed, TRAIN_STREAM, step, grad_accum * batch_size)
-    return get_batch(ds.train, block_size, offsets.reshape(grad_accum, batch_size))
+    return get_batch(ds.train, block_size, offsets.reshape(grad_accum, batch_size)[:, rows])
 
 
-def val_batch(ds: Dataset, block_size: int, seed: int, index: int, batch_size: int):
-    """Validation batch `index`; the same batches at every evaluation, so losses compare."""
+def val_batch(ds: Dataset, block_size: int, seed: int, index: int, batch_size: int, rows: slice = slice(None)):
+    """Validation batch `index` (its `rows`); the same batches at every evaluation, so losses compare."""
     offsets = batch_offsets(ds.val.size, block_size, seed, VAL_STREAM, index, batch_size)
-    return get_batch(ds.val, block_size, offsets)
+    return get_batch(ds.val, block_size, offsets[rows])

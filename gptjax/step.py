@@ -27,8 +27,12 @@ def loss_fn(graphdef, params, x_BT, y_BT, dropout_key=None):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, dropout: float,
-                    reduce: Callable = lambda tree: tree):
-    """A step over a batch of shape (A, b, T): A micro-batches whose gradients are averaged."""
+                    reduce: Callable = lambda tree: tree, skip_nonfinite: bool = False):
+    """A step over a batch of shape (A, b, T): A micro-batches whose gradients are averaged.
+
+    With `skip_nonfinite`, a step whose loss or gradient is not finite leaves parameters and
+    optimizer state as they were (the step counter still advances, so the batches stay aligned).
+    """
     grad_fn = jax.value_and_grad(lambda p, x, y, k: loss_fn(graphdef, p, x, y, k))
 
     def train_step(state, x_ABT, y_ABT, key):
@@ -47,10 +51,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, dropout: float,
         (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros),
                                         (jnp.arange(A), x_ABT, y_ABT))
         loss, grads = reduce((loss / A, jax.tree.map(lambda g: g / A, grads)))
+        grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+        new_params = optax.apply_updates(params, updates)
+        # a finite loss and gradient can still give an overflowing update: check what is applied too
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+            new_params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": ok}
+        return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return train_step
 

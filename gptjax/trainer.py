@@ -11,8 +11,6 @@ Run directory:
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import time
 from pathlib import Path
 
@@ -23,12 +21,15 @@ from flax import nnx
 
 from gptjax import data as data_lib
 from gptjax.checkpoint import CHECKPOINTS, Checkpointer
+from gptjax import distributed
 from gptjax.config import Config, from_dict, to_dict, to_toml
 from gptjax.errors import UserError
 from gptjax.generate import generate_ids
+from gptjax.metrics import MetricsLog, Progress, Rate, fmt_time, flops_per_token, peak_flops
 from gptjax.model import GPT, count_params
 from gptjax.optim import learning_rate, make_optimizer
-from gptjax.parallel import Pmap, check_divisible, select_devices
+from gptjax.parallel import STRATEGIES, describe, plan_batch, select_devices
+from gptjax.signals import StopRequest
 from gptjax.tokenizer import get_tokenizer
 
 
@@ -46,28 +47,6 @@ def init_model(cfg: Config):
     model = GPT(cfg.model, nnx.Rngs(params=jax.random.key(cfg.train.seed)))
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, nnx.to_pure_dict(params)  # plain nested dicts: clean names in checkpoints
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class MetricsLog:
-    """Appends JSON lines; on resume, drops lines past the checkpoint so steps are not repeated."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        if resume_step is None:
-            path.write_text("")
-        elif path.exists():
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in keep))
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 def _check_resumable(saved: dict, cfg: Config, run_dir: Path) -> None:
@@ -94,146 +73,230 @@ def _adopt_source_model(cfg: Config):
 
 
 def train(cfg: Config, log=print, stop_after: int | None = None) -> dict:
-    """Train as `cfg` says; return the history (losses by step, validation losses by step).
+    """Train as `cfg` says; return the history (losses by step, validation losses by step, …).
 
     `stop_after` ends the run early at that step with a checkpoint, as an interruption would;
     the schedule still follows train.max_steps, so a resumed run continues exactly.
     """
-    cfg = resolve(cfg)
-    init_params = None
-    if cfg.train.init_from:
-        cfg, init_params = _adopt_source_model(cfg)
-    t = cfg.train
-    run_dir = Path(cfg.out_dir)
-    tok = get_tokenizer(cfg.data.tokenizer)
+    trainer = Trainer(cfg, log)
+    try:
+        with StopRequest() as stop:
+            trainer.run(stop, stop_after)
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise out_of_memory_error(trainer.cfg, e) from None
+        raise
+    finally:
+        trainer.close()
+    return trainer.finish()
 
-    # open (and so create) the checkpoint folder only once the inputs have been checked
-    existing = (run_dir / CHECKPOINTS).is_dir()
-    ckpt = Checkpointer(run_dir, keep=t.keep_checkpoints, create=False) if existing else None
-    latest = ckpt.latest_step() if ckpt else None
-    if latest is not None and not t.resume:
-        raise UserError(f"{run_dir} already holds checkpoints (latest: step {latest}). Pass --train.resume=true "
-                        "to continue that run, or choose another --out_dir; nothing was changed.")
-    if t.resume and latest is None:
-        log(f"resume: no checkpoint in {run_dir} yet; starting from scratch")
-    if latest is not None:
-        _check_resumable(ckpt.read_meta(latest), cfg, run_dir)
 
-    devices = select_devices(t.devices)
-    check_divisible(t.batch_size, len(devices))
+def is_out_of_memory(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
-    ds = data_lib.prepare(cfg.data, Path(cfg.data.dir) if cfg.data.dir else run_dir / "data", log=log)
-    data_lib.check_fits(ds, cfg.model.block_size)
-    if ckpt is None:
-        ckpt = Checkpointer(run_dir, keep=t.keep_checkpoints)
 
-    graphdef, params = init_model(cfg)
-    if init_params is not None and latest is None:
-        params = init_params
-        log(f"init: weights from {t.init_from}")
-    tx = make_optimizer(t)
-    opt_state = tx.init(params)
-    start = 0
-    if latest is not None:
-        params, opt_state = ckpt.restore(latest, params, opt_state)
-        start = latest
-        log(f"resume: continuing from step {start} of {run_dir}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", start if latest is not None else None)
+def out_of_memory_error(cfg: Config, error: Exception) -> UserError:
+    """What would fit: the same tokens per step in smaller pieces, a lighter dtype, sharding, a smaller model."""
+    t, m = cfg.train, cfg.model
+    first_line = str(error).strip().splitlines()[0][:200]
+    options = []
+    if t.batch_size >= 2:
+        options.append(f"--train.batch_size={t.batch_size // 2} --train.grad_accum={t.grad_accum * 2} "
+                       "(the same tokens per step, half the activation memory)")
+    if m.dtype == "float32":
+        options.append("--model.dtype=bfloat16 (half the activation memory)")
+    if t.parallel == "pmap":
+        options.append("--train.parallel=fsdp (parameters and optimizer state sharded over the devices)")
+    options.append(f"a smaller --model.block_size (now {m.block_size}) or --model.n_layer (now {m.n_layer})")
+    return UserError(f"the device ran out of memory ({first_line}). Options that need less: " + "; ".join(options)
+                     + ". Checkpoints already written are intact.")
 
-    n_params = count_params(params)
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
-    log(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_head} heads, "
-        f"width {cfg.model.n_embd}, context {cfg.model.block_size}, {tok.name} vocabulary {cfg.model.vocab_size}")
-    log(f"train: {t.max_steps} steps of {tokens_per_step:,} tokens on {len(devices)} "
-        f"{devices[0].platform} device(s) ({t.parallel})")
 
-    strategy = Pmap(graphdef, tx, cfg.model.dropout, devices)
-    state = strategy.put_state({"params": params, "opt_state": opt_state, "step": jnp.int32(start)})
-    dropout_key = jax.random.key(t.seed + 1)
+class Trainer:
+    def __init__(self, cfg: Config, log=print):
+        distributed.initialize(cfg.dist)  # first: JAX's multi-process runtime starts before any computation
+        if not distributed.is_primary():
+            log = lambda *_: None  # noqa: E731  process 0 speaks for the run
+        cfg = resolve(cfg)
+        init_params = None
+        if cfg.train.init_from:
+            cfg, init_params = _adopt_source_model(cfg)
+        self.cfg, self.log = cfg, log
+        t = self.t = cfg.train
+        run_dir = self.run_dir = Path(cfg.out_dir)
+        self.tok = get_tokenizer(cfg.data.tokenizer)
+        self.ckpt = self.metrics_log = None
 
-    def evaluate(state) -> float:
-        losses = [strategy.eval_loss(state, *data_lib.val_batch(ds, cfg.model.block_size, t.seed, i, t.batch_size))
+        # open (and so create) the checkpoint folder only once the inputs have been checked
+        existing = (run_dir / CHECKPOINTS).is_dir()
+        ckpt = Checkpointer(run_dir, keep=t.keep_checkpoints, create=False) if existing else None
+        latest = ckpt.latest_step() if ckpt else None
+        if latest is not None and not t.resume:
+            raise UserError(f"{run_dir} already holds checkpoints (latest: step {latest}). Pass --train.resume=true "
+                            "to continue that run, or choose another --out_dir; nothing was changed.")
+        if t.resume and latest is None:
+            log(f"resume: no checkpoint in {run_dir} yet; starting from scratch")
+        if latest is not None:
+            _check_resumable(ckpt.read_meta(latest), cfg, run_dir)
+
+        self.devices = select_devices(t.devices)
+        self.accum, self.micro = plan_batch(t.batch_size, t.grad_accum, len(self.devices), jax.process_count())
+        if (self.accum, self.micro) != (t.grad_accum, t.batch_size):
+            log(f"batch: {t.grad_accum} x {t.batch_size} sequences re-cut as {self.accum} x {self.micro}, which "
+                f"splits evenly over {describe(self.devices)}")
+        self.ds = distributed.process_0_first(lambda: data_lib.prepare(
+            cfg.data, Path(cfg.data.dir) if cfg.data.dir else run_dir / "data", log=log, shared=bool(cfg.data.dir)))
+        data_lib.check_fits(self.ds, cfg.model.block_size)
+        self.ckpt = ckpt or Checkpointer(run_dir, keep=t.keep_checkpoints)
+
+        self.graphdef, params = init_model(cfg)
+        if init_params is not None and latest is None:
+            params = init_params
+            log(f"init: weights from {t.init_from}")
+        tx = make_optimizer(t)
+        opt_state = tx.init(params)
+        self.start = 0
+        if latest is not None:
+            params, opt_state = self.ckpt.restore(latest, params, opt_state)
+            self.start = latest
+            log(f"resume: continuing from step {latest} of {run_dir}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if distributed.is_primary():
+            (run_dir / "config.toml").write_text(to_toml(cfg))
+            self.metrics_log = MetricsLog(run_dir, self.start if latest is not None else None)
+        else:
+            self.metrics_log = distributed.Silent()
+
+        self.n_params = count_params(params)
+        self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
+        peak = peak_flops(self.devices[0])
+        self.flops_per_step = flops_per_token(cfg.model, self.n_params) * self.tokens_per_step
+        self.peak = peak * len(self.devices) if peak else None
+        log(f"model: {self.n_params / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_head} heads, "
+            f"width {cfg.model.n_embd}, context {cfg.model.block_size}, {self.tok.name} vocabulary "
+            f"{cfg.model.vocab_size}")
+        log(f"train: {t.max_steps} steps of {self.tokens_per_step:,} tokens on {describe(self.devices)} ({t.parallel})")
+
+        self.strategy = STRATEGIES[t.parallel](self.graphdef, tx, cfg.model.dropout, self.devices,
+                                               t.on_nonfinite == "skip")
+        self.state = self.strategy.put_state({"params": params, "opt_state": opt_state, "step": jnp.int32(self.start)})
+        self.history = {"loss": {}, "val_loss": {}, "skipped": []}
+        self.progress = Progress(t.max_steps, log)
+        self.last_val = None
+        self.window_losses = []
+        self.done = self.start
+        self.interrupted = ""
+
+    def evaluate(self) -> float:
+        cfg, t = self.cfg, self.t
+        losses = [self.strategy.eval_loss(self.state, *data_lib.val_batch(self.ds, cfg.model.block_size, t.seed, i,
+                                                                          self.micro, self.strategy.rows(self.micro)))
                   for i in range(t.eval_batches)]
-        return float(np.mean([float(x) for x in losses]))
+        val = float(np.mean([float(x) for x in losses]))
+        self.history["val_loss"][self.done] = self.last_val = val
+        self.metrics_log.write({"step": self.done, "tokens": self.done * self.tokens_per_step, "val_loss": val})
+        self.progress.line(f"step {self.done:>6} | val loss {val:.4f}")
+        return val
 
-    def meta(step: int, val_loss: float | None) -> dict:
-        return {"step": step, "config": to_dict(cfg), "tokenizer": tok.name, "val_loss": val_loss,
-                "data": {"source": ds.meta["source"], "fingerprint": ds.meta["fingerprint"]}}
+    def save(self, val_loss: float | None) -> None:
+        host = self.strategy.get_state(self.state)
+        meta = {"step": self.done, "config": to_dict(self.cfg), "tokenizer": self.tok.name, "val_loss": val_loss,
+                "data": {"source": self.ds.meta["source"], "fingerprint": self.ds.meta["fingerprint"]}}
+        self.ckpt.save(self.done, host["params"], host["opt_state"], meta)
 
-    def save(state, step: int, val_loss: float | None) -> None:
-        host = strategy.get_state(state)
-        ckpt.save(step, host["params"], host["opt_state"], meta(step, val_loss))
-
-    history = {"loss": {}, "val_loss": {}}
-    if start == 0:
-        val = evaluate(state)
-        history["val_loss"][0] = val
-        metrics_log.write({"step": 0, "tokens": 0, "val_loss": val})
-        log(f"step {0:>6} | val loss {val:.4f}")
-
-    lr_at = learning_rate(t)
-    t_start = window_start = time.time()
-    window_steps, last_val, pending = 0, None, None
-
-    def record(done: int, metrics) -> None:
-        """Read a finished step's metrics; log at intervals; stop on a non-finite loss."""
-        nonlocal window_start, window_steps
+    def record(self, done: int, metrics, rate: Rate) -> None:
+        """Read a finished step's metrics; log at intervals; stop (or skip) on a non-finite loss."""
+        t = self.t
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            last = ckpt.latest_step()
-            where = (f"The last good checkpoint is step {last} in {ckpt.directory}; resume from it with "
+        if not bool(metrics["finite"]):
+            if t.on_nonfinite == "skip":
+                self.history["skipped"].append(done)
+                self.progress.line(f"warning: step {done} was not finite (loss {loss}, gradient norm {grad_norm}); "
+                                   "its update was skipped")
+                return
+            last = self.ckpt.latest_step()
+            where = (f"The last good checkpoint is step {last} in {self.ckpt.directory}; resume from it with "
                      "--train.resume=true and " if last is not None else "No checkpoint was written yet; ")
-            raise UserError(f"the loss became {loss} (gradient norm {grad_norm}) at step {done}, so training stopped. "
-                            f"{where}lower --train.lr or raise --train.warmup_steps.")
-        history["loss"][done] = loss
-        if done % t.log_interval == 0 or done == t.max_steps:
-            elapsed = time.time() - window_start
-            rate = window_steps * tokens_per_step / max(elapsed, 1e-9)
-            eta = (t.max_steps - done) * elapsed / max(window_steps, 1)
-            lr = float(lr_at(done - 1))
-            metrics_log.write({"step": done, "tokens": done * tokens_per_step, "loss": loss, "lr": lr,
-                               "grad_norm": grad_norm, "tokens_per_s": rate})
-            log(f"step {done:>6} | loss {loss:.4f} | lr {lr:.2e} | {rate:,.0f} tok/s | left {_fmt_time(eta)}")
-            window_start, window_steps = time.time(), 0
+            raise UserError(f"step {done} was not finite (loss {loss}, gradient norm {grad_norm}, or the update "
+                            "overflowed), so training stopped before applying more. "
+                            f"{where}lower --train.lr, raise --train.warmup_steps, or pass "
+                            "--train.on_nonfinite=skip to skip such updates.")
+        self.history["loss"][done] = loss
+        at_interval = done % t.log_interval == 0 or done == t.max_steps
+        self.window_losses.append(loss)
+        if at_interval:  # report the mean since the last report: one step's loss is noisy
+            loss, self.window_losses = float(np.mean(self.window_losses)), []
+        tokens_per_s = rate.read(reset=at_interval)
+        eta = (t.max_steps - done) * self.tokens_per_step / max(tokens_per_s, 1e-9)
+        lr = float(self.lr_at(done - 1))
+        self.progress.step(done, loss, tokens_per_s, eta, lr, at_interval)
+        if at_interval:
+            mfu = tokens_per_s / self.tokens_per_step * self.flops_per_step / self.peak if self.peak else None
+            self.metrics_log.write({"step": done, "tokens": done * self.tokens_per_step, "loss": loss, "lr": lr,
+                                    "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu})
 
-    done = start
-    for step in range(start, t.max_steps):
-        x, y = data_lib.train_batch(ds, cfg.model.block_size, t.seed, step, t.grad_accum, t.batch_size)
-        state, metrics = strategy.train_step(state, x, y, dropout_key)
-        window_steps += 1
-        # the previous step's metrics are read only now, so the host never waits on the step in flight
+    def run(self, stop: StopRequest, stop_after: int | None) -> None:
+        cfg, t = self.cfg, self.t
+        self.lr_at = learning_rate(t)
+        if self.start == 0:
+            self.evaluate()
+        self.t_start = time.time()
+        rate, pending = Rate(self.tokens_per_step), None
+        dropout_key = jax.random.key(t.seed + 1)
+        for step in range(self.start, t.max_steps):
+            x, y = data_lib.train_batch(self.ds, cfg.model.block_size, t.seed, step, self.accum, self.micro,
+                                        self.strategy.rows(self.micro))  # this process's rows only
+            self.state, metrics = self.strategy.train_step(self.state, x, y, dropout_key)
+            rate.tick()
+            # the previous step's metrics are read only now, so the host never waits on the step in flight
+            if pending is not None:
+                self.record(*pending, rate)
+            self.done, pending = step + 1, (step + 1, self.strategy.first(metrics))
+            evaluating = self.done % t.eval_interval == 0 or self.done == t.max_steps
+            stopping = self.done == stop_after or stop.signum is not None
+            checkpointing = self.done % t.ckpt_interval == 0 or self.done == t.max_steps or stopping
+            if evaluating or checkpointing:
+                self.record(*pending, rate)
+                pending = None
+            if evaluating:
+                self.evaluate()
+            if checkpointing:
+                self.save(self.last_val if evaluating else None)
+            if stopping:
+                self.interrupted = stop.name
+                break
         if pending is not None:
-            record(*pending)
-        done, pending = step + 1, (step + 1, strategy.first(metrics))
-        evaluating = done % t.eval_interval == 0 or done == t.max_steps
-        checkpointing = done % t.ckpt_interval == 0 or done == t.max_steps or done == stop_after
-        if evaluating or checkpointing:
-            record(*pending)
-            pending = None
-        if evaluating:
-            last_val = evaluate(state)
-            history["val_loss"][done] = last_val
-            metrics_log.write({"step": done, "tokens": done * tokens_per_step, "val_loss": last_val})
-            log(f"step {done:>6} | val loss {last_val:.4f}")
-        if checkpointing:
-            save(state, done, last_val if evaluating else None)
-        if done == stop_after:
-            break
-    if pending is not None:
-        record(*pending)
-    ckpt.wait()
-    ckpt.close()
-    log(f"done: {done} steps in {_fmt_time(time.time() - t_start)}; checkpoints in {ckpt.directory}")
+            self.record(*pending, rate)
+        if stop.signum is not None and not self.interrupted:  # arrived before the first step
+            self.interrupted = stop.name
 
-    if t.sample_tokens > 0:
-        host = strategy.get_state(state)
-        ids = generate_ids(graphdef, host["params"], [[tok.eot_id]], block_size=cfg.model.block_size,
-                           eot_id=tok.eot_id, max_new_tokens=t.sample_tokens, temperature=0.8, top_k=200,
-                           seed=t.seed)[0]
-        log("sample:\n" + tok.decode(ids))
-    history["params"] = n_params
-    history["step_compilations"] = strategy.traces
-    return history
+    def close(self) -> None:
+        """Let the last checkpoint finish writing, whatever ended the run."""
+        if self.ckpt is not None:
+            self.ckpt.wait()
+            self.ckpt.close()
+        if self.metrics_log is not None:
+            self.metrics_log.close()
 
+    def finish(self) -> dict:
+        t, log = self.t, self.progress.line
+        elapsed = fmt_time(time.time() - self.t_start)
+        if self.interrupted:
+            saved = (f"checkpoint of step {self.done} saved in {self.ckpt.directory}" if self.done > self.start
+                     else "no new step to save")
+            log(f"stopped by {self.interrupted} after step {self.done} ({elapsed}); {saved}. "
+                f"To continue, run the same command with --train.resume=true (--out_dir={self.run_dir}).")
+        else:
+            log(f"done: {self.done} steps in {elapsed}; checkpoints in {self.ckpt.directory}")
+        if t.sample_tokens > 0 and not self.interrupted:
+            tok = self.tok
+            params = self.strategy.host_params(self.state)  # every process takes part; process 0 samples
+            if distributed.is_primary():
+                ids = generate_ids(self.graphdef, params, [[tok.eot_id]], block_size=self.cfg.model.block_size,
+                                   eot_id=tok.eot_id, max_new_tokens=t.sample_tokens, temperature=0.8, top_k=200,
+                                   seed=t.seed)[0]
+                log("sample:\n" + tok.decode(ids))
+        self.history.update(params=self.n_params, step_compilations=self.strategy.traces,
+                            interrupted=self.interrupted, final_step=self.done)
+        return self.history

@@ -1,0 +1,109 @@
+"""What a run reports: FLOPs and MFU, the metrics.jsonl log (and TensorBoard events when
+tensorboardX is installed), and the progress display (a bar in a terminal, plain lines in logs)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from gptjax.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device, from the vendors' data sheets, by substrings of jax's device_kind.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+              "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6": 918e12}
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
+    """Training FLOPs per token: 6 per weight (forward and backward) plus attention's scores and mixing."""
+    n_matmul = n_params - cfg.block_size * cfg.n_embd * (cfg.pos_encoding == "learned")  # a lookup costs nothing
+    return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def peak_flops(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MetricsLog:
+    """Appends JSON lines; on resume, drops lines past the checkpoint so steps are not repeated."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Progress:
+    """Step lines at intervals; in a terminal, a bar that redraws after every step instead."""
+
+    def __init__(self, total: int, log=print, bar: bool | None = None):
+        self.total, self.log = total, log
+        self.bar = (log is print and sys.stdout.isatty()) if bar is None else bar
+        self.drawn = False
+
+    def line(self, message: str) -> None:
+        """A line that stays (evaluations, checkpoints, warnings)."""
+        if self.drawn:
+            sys.stdout.write("\r\033[K")
+            self.drawn = False
+        self.log(message)
+
+    def step(self, done: int, loss: float, rate: float, eta: float, lr: float, at_interval: bool) -> None:
+        text = f"loss {loss:.4f} | lr {lr:.2e} | {rate:,.0f} tok/s | left {fmt_time(eta)}"
+        if self.bar:
+            width = 24
+            filled = int(width * done / max(self.total, 1))
+            sys.stdout.write(f"\r\033[K{done:>6}/{self.total} [{'#' * filled}{'.' * (width - filled)}] {text}")
+            sys.stdout.flush()
+            self.drawn = True
+        elif at_interval:
+            self.log(f"step {done:>6} | {text}")
+
+
+class Rate:
+    """Tokens per second over the steps since the last reading (the first window includes compilation)."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.start, self.steps, self.last = time.time(), 0, 0.0
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def read(self, reset: bool) -> float:
+        if self.steps:
+            self.last = self.steps * self.tokens_per_step / max(time.time() - self.start, 1e-9)
+        if reset:
+            self.start, self.steps = time.time(), 0
+        return self.last

@@ -1,0 +1,211 @@
+"""Never lose work: real kills and signals on train.py, non-finite steps, retention, damaged checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from conftest import ROOT, tiny_config
+from gptjax import data, load
+from gptjax.checkpoint import Checkpointer
+from gptjax.config import DataConfig
+from gptjax.errors import UserError
+from gptjax.metrics import Progress
+from gptjax.trainer import is_out_of_memory, out_of_memory_error, train
+
+STEPS = 24
+ARGS = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
+        "--data.tokenizer=byte", "--data.val_fraction=0.1", "--train.batch_size=8", "--train.eval_batches=2",
+        "--train.warmup_steps=2", "--train.lr=3e-3", f"--train.max_steps={STEPS}", "--train.eval_interval=8",
+        "--train.ckpt_interval=1", "--train.log_interval=1", "--train.sample_tokens=0"]
+
+
+def quiet(_):
+    pass
+
+
+def start(out_dir, corpus, *extra):
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+           "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *ARGS, f"--data.corpus={corpus}",
+                             f"--out_dir={out_dir}", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT, env=env)
+
+
+def run_until(proc, step: int, sig=signal.SIGKILL) -> str:
+    """Read progress until `step` is logged, then send `sig`; the process's whole output."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(f"step {step:>6} | loss"):
+            proc.send_signal(sig)
+            break
+    seen.append(proc.stdout.read())
+    proc.wait(timeout=120)
+    return "".join(seen)
+
+
+def losses(out_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run, in the same kind of process as the interrupted ones."""
+    from conftest import make_corpus
+
+    root = tmp_path_factory.mktemp("reliability")
+    corpus = make_corpus(root / "corpus")
+    proc = start(root / "ref", corpus)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return corpus, losses(root / "ref")
+
+
+def test_sigkill_at_any_moment_resumes_exactly(reference, tmp_path):
+    corpus, expected = reference
+    run = tmp_path / "run"
+    # a checkpoint is written (asynchronously) after every step, so kills land mid-save too
+    for kill_at in (3, 9, 16):
+        out = run_until(start(run, corpus, "--train.resume=true"), kill_at)
+        assert "Traceback" not in out
+        steps = Checkpointer(run, create=False).all_steps()
+        assert steps and max(steps) <= kill_at + 1  # only complete checkpoints are listed
+    proc = start(run, corpus, "--train.resume=true")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "resume: continuing from step" in out
+    assert losses(run) == expected  # bit for bit, every step
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_and_exits_cleanly(reference, tmp_path, sig, code):
+    corpus, expected = reference
+    run = tmp_path / "run"
+    proc = start(run, corpus, "--train.ckpt_interval=100")
+    out = run_until(proc, 5, sig)
+    assert proc.returncode == code, out
+    assert "Traceback" not in out
+    assert f"stopped by {signal.Signals(sig).name}" in out and "--train.resume=true" in out
+    stopped = Checkpointer(run, create=False).latest_step()
+    assert stopped is not None and stopped >= 5
+    proc = start(run, corpus, "--train.ckpt_interval=100", "--train.resume=true")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert losses(run) == expected
+
+
+def test_resume_on_an_empty_run_starts_from_scratch(corpus, tmp_path):
+    logs = []
+    train(tiny_config(tmp_path / "run", corpus, max_steps=2, resume=True), log=logs.append)
+    assert any("no checkpoint in" in m and "starting from scratch" in m for m in logs)
+
+
+def test_nonfinite_step_stops_with_the_last_good_checkpoint(corpus, tmp_path):
+    cfg = tiny_config(tmp_path / "run", corpus, lr=1e4, grad_clip=0.0, warmup_steps=0, ckpt_interval=1)
+    with pytest.raises(UserError, match=r"step 3 was not finite.*last good checkpoint is step 2.*on_nonfinite=skip"):
+        train(cfg, log=quiet)
+    assert Checkpointer(tmp_path / "run", create=False).all_steps()[-1] == 2
+
+
+def test_nonfinite_steps_can_be_skipped(corpus, tmp_path):
+    cfg = tiny_config(tmp_path / "run", corpus, lr=1e4, grad_clip=0.0, warmup_steps=0, on_nonfinite="skip",
+                      max_steps=6)
+    logs = []
+    history = train(cfg, log=logs.append)
+    assert history["skipped"] and any("update was skipped" in m for m in logs)
+    params = load(tmp_path / "run").params
+    assert all(bool(jnp.isfinite(p).all()) for p in __import__("jax").tree.leaves(params))
+
+
+def test_retention_keeps_the_latest_and_the_best(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=2)
+    for step, val in {1: 5.0, 2: None, 3: 3.0, 4: 4.0, 5: None, 6: 3.5, 7: None}.items():
+        ckpt.save(step, {"w": jnp.ones(3)}, {"m": jnp.zeros(3)}, {"step": step, "val_loss": val})
+    ckpt.wait()
+    assert ckpt.all_steps() == [3, 6, 7]  # the best (3.0) and the two latest
+
+
+def test_damaged_checkpoint_is_named_and_others_still_load(corpus, tmp_path):
+    train(tiny_config(tmp_path / "run", corpus, max_steps=6, ckpt_interval=3), log=quiet)
+    params_dir = tmp_path / "run" / "checkpoints" / "6" / "params"
+    biggest = max((p for p in params_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"checkpoints/6 cannot be read: it is corrupt.*steps 3"):
+        load(tmp_path / "run")
+    assert load(tmp_path / "run", step=3).step == 3
+    with pytest.raises(UserError, match="cannot be read"):
+        train(tiny_config(tmp_path / "run", corpus, max_steps=9, ckpt_interval=3, resume=True), log=quiet)
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={tmp_path / 'run'}"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "corrupt" in proc.stderr
+
+
+def test_resume_with_another_tokenizer_is_refused(corpus, tmp_path):
+    train(tiny_config(tmp_path / "run", corpus, max_steps=2), log=quiet)
+    cfg = tiny_config(tmp_path / "run", corpus, max_steps=4, resume=True)
+    cfg = cfg.__class__(**{**cfg.__dict__, "data": DataConfig(corpus=str(corpus), tokenizer="gpt2")})
+    with pytest.raises(UserError, match="data.tokenizer: checkpoint 'byte', now 'gpt2'"):
+        train(cfg, log=quiet)
+
+
+def test_shared_shards_of_another_tokenizer_are_refused(corpus, tmp_path):
+    shared = tmp_path / "shards"
+    data.prepare(DataConfig(corpus=str(corpus), tokenizer="gpt2"), shared, log=quiet, shared=True)
+    before = {p.name: p.stat().st_mtime_ns for p in shared.iterdir()}
+    cfg = tiny_config(tmp_path / "run", corpus)
+    cfg = cfg.__class__(**{**cfg.__dict__, "data": DataConfig(corpus=str(corpus), tokenizer="byte", dir=str(shared))})
+    with pytest.raises(UserError, match="holds token shards of the gpt2 tokenizer, but this run uses byte"):
+        train(cfg, log=quiet)
+    assert {p.name: p.stat().st_mtime_ns for p in shared.iterdir()} == before
+
+
+def test_out_of_memory_names_what_would_fit(corpus, tmp_path, monkeypatch):
+    from gptjax import parallel
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes.")
+
+    monkeypatch.setattr(parallel.Pmap, "train_step", oom)
+    with pytest.raises(UserError, match=r"ran out of memory.*--train.batch_size=4 --train.grad_accum=2.*"
+                                        r"bfloat16.*fsdp.*block_size"):
+        train(tiny_config(tmp_path / "run", corpus), log=quiet)
+    assert is_out_of_memory(RuntimeError("CUDA_ERROR_OUT_OF_MEMORY: out of memory"))
+    assert not is_out_of_memory(ValueError("shapes do not match"))
+    assert "batch_size" not in str(out_of_memory_error(tiny_config(tmp_path, corpus, batch_size=1),
+                                                       RuntimeError("Out of memory")))
+
+
+def test_progress_bar_in_a_terminal_and_lines_in_a_log(capsys):
+    bar = Progress(total=10, bar=True)
+    bar.step(3, 2.5, 1000.0, 7.0, 1e-3, at_interval=False)
+    bar.line("step      3 | val loss 2.4000")
+    out = capsys.readouterr().out
+    assert "\r" in out and "3/10 [#######" in out and "left 0:00:07" in out and "val loss 2.4000" in out
+    lines = []
+    plain = Progress(total=10, log=lines.append, bar=False)
+    plain.step(3, 2.5, 1000.0, 7.0, 1e-3, at_interval=False)
+    plain.step(4, 2.4, 1000.0, 6.0, 1e-3, at_interval=True)
+    assert lines == ["step      4 | loss 2.4000 | lr 1.00e-03 | 1,000 tok/s | left 0:00:06"]
+
+
+def test_plot_writes_a_png(corpus, tmp_path):
+    pytest.importorskip("matplotlib", reason="plotting needs matplotlib")
+    for name in ("a", "b"):
+        train(tiny_config(tmp_path / name, corpus, max_steps=6, eval_interval=3, log_interval=1), log=quiet)
+    env = {**os.environ, "XLA_FLAGS": "", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "gptjax.plot", str(tmp_path / "a"), str(tmp_path / "b"),
+                           f"--out={tmp_path / 'loss.png'}"], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    png = (tmp_path / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    proc = subprocess.run([sys.executable, "-m", "gptjax.plot", str(tmp_path / "missing")], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
