@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Callable
 
 import jax
+import numpy as np
 
 from gptjax.config import DistConfig
 from gptjax.errors import UserError
@@ -126,6 +127,15 @@ def process_0_first(fn: Callable):
     result = fn() if is_primary() else None
     sync("gptjax: process 0 first")
     return result if is_primary() else fn()
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on any; a collective, so every process must call it."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.asarray(flag, np.int32)).any())
 
 
 def sync(name: str) -> None:

@@ -11,6 +11,7 @@ Run directory:
 from __future__ import annotations
 
 import dataclasses
+import signal
 import time
 from pathlib import Path
 
@@ -254,7 +255,7 @@ class Trainer:
                 self.record(*pending, rate)
             self.done, pending = step + 1, (step + 1, self.strategy.first(metrics))
             evaluating = self.done % t.eval_interval == 0 or self.done == t.max_steps
-            stopping = self.done == stop_after or stop.signum is not None
+            stopping = self.done == stop_after or self._stop_agreed(stop)
             checkpointing = self.done % t.ckpt_interval == 0 or self.done == t.max_steps or stopping
             if evaluating or checkpointing:
                 self.record(*pending, rate)
@@ -270,6 +271,18 @@ class Trainer:
             self.record(*pending, rate)
         if stop.signum is not None and not self.interrupted:  # arrived before the first step
             self.interrupted = stop.name
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether to stop after this step. With several processes, a signal that reached some of them
+        is shared at the next log interval, so that all stop (and save) at the same step."""
+        if jax.process_count() == 1:
+            return stop.signum is not None
+        if self.done % self.t.log_interval and self.done != self.t.max_steps:
+            return False
+        agreed = distributed.any_process(stop.signum is not None)
+        if agreed and stop.signum is None:
+            stop.signum = signal.SIGTERM  # another process was asked to stop
+        return agreed
 
     def close(self) -> None:
         """Let the last checkpoint finish writing, whatever ended the run."""
