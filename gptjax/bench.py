@@ -1,6 +1,9 @@
 """Benchmarks that print figures (never timed tests), one subcommand each.
 
   python -m gptjax.bench sample [--compare torch] [--model reference|gpt2-124m] [--batch 1 16] ...
+  python -m gptjax.bench train [--compare torch] [--steps 5] [--rounds 5] [--config=PRESET --section.key=value ...]
+
+`train` times the training step (gptjax.bench_train; its docstring says what is measured).
 
 `sample` times generation with random weights: decoding tokens/s at each batch size (new tokens
 after the first, which the prefill makes), time to first token, compile time, and the bound that
@@ -202,6 +205,12 @@ def bench_sample(args) -> None:
         print("ratio: how many times faster gptjax is")
 
 
+def _bench_train(args, rest) -> None:
+    from gptjax.bench_train import bench_train  # the training benchmark lives in its own file
+
+    bench_train(args, rest)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gptjax.bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -214,8 +223,24 @@ def main(argv: list[str] | None = None) -> None:
     sample.add_argument("--new_tokens", type=int, default=200, help="tokens to generate (default: 200)")
     sample.add_argument("--runs", type=int, default=5, help="timed runs per figure (default: 5)")
     sample.set_defaults(run=bench_sample)
-    args = parser.parse_args(argv)
-    args.run(args)
+    train = commands.add_parser("train", help="training step time, tokens/s, TFLOP/s, MFU, memory, compile time",
+                                epilog="other options (--config=PRESET, --model.n_layer=12, --train.batch_size=16, "
+                                       "...) set the model and batch as in train.py; without --config, the "
+                                       "reference shape (6 layers, 6 heads, width 384, context 256, batch 8, "
+                                       "vocabulary 50304)")
+    train.add_argument("--compare", choices=["torch"], help="also time transformers' GPT2LMHeadModel with AdamW")
+    train.add_argument("--steps", type=int, default=3, help="steps per timed round (default: 3)")
+    train.add_argument("--rounds", type=int, default=5, help="timed rounds; figures are medians (default: 5)")
+    train.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default: 2)")
+    train.add_argument("--peak-tflops", "--peak_tflops", type=float, dest="peak_tflops",
+                       help="peak TFLOP/s per device for MFU (default: the device table; on a CPU, measured)")
+    train.add_argument("--max-batch", "--max_batch", action="store_true", dest="max_batch",
+                       help="then find the largest batch size that fits, doubling from --train.batch_size")
+    train.set_defaults(run=_bench_train)
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "train" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.run(args, rest) if args.command == "train" else args.run(args)
 
 
 if __name__ == "__main__":
