@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 
@@ -10,8 +11,20 @@ class UserError(Exception):
     """A mistake in what the user asked for: printed as one paragraph, exit status 2, no traceback."""
 
 
+def _exit(code: int, as_script: bool):
+    """Exit with `code`. A script ends at once: after an error, background readers (orbax's
+    asyncio tasks on a damaged checkpoint, say) would otherwise print their own tracebacks
+    while the interpreter shuts down. Called in-process (tests), it raises SystemExit."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if as_script:
+        os._exit(code)
+    sys.exit(code)
+
+
 def cli(main):
     """Run `main`, turning a UserError (or Ctrl-C before training starts) into a message and an exit code."""
+    as_script = main.__module__ == "__main__"
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -19,9 +32,9 @@ def cli(main):
             return main(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            _exit(2, as_script)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
-            sys.exit(130)
+            _exit(130, as_script)
 
     return wrapper
