@@ -27,6 +27,7 @@ from flax import nnx
 
 from gptjax.config import ModelConfig
 from gptjax.generate import generate_ids
+from gptjax.hostmem import reuse_freed_memory
 from gptjax.model import GPT, count_params
 
 MODELS = {  # the reference shape of the CPU figures, and GPT-2 small for accelerators
@@ -212,6 +213,7 @@ def _bench_train(args, rest) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    reuse_freed_memory()  # as train.py and sample.py do, before JAX starts its CPU runtime
     parser = argparse.ArgumentParser(prog="python -m gptjax.bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     sample = commands.add_parser("sample", help="decoding speed, time to first token and compile time")

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import hostmem
 from gptjax.bench import compile_seconds
 from gptjax.config import Config, parse_args
 from gptjax.metrics import flops_per_token, peak_flops
@@ -165,7 +166,8 @@ def bench_train(args, rest: list[str]) -> None:
     print(f"gptjax train: {m.n_layer} layers, {m.n_head} heads, width {m.n_embd}, context {m.block_size}, vocabulary "
           f"{m.vocab_size} (padded {m.padded_vocab_size}); {ours.n_params / 1e6:.1f}M parameters, {m.dtype} compute; "
           f"batch {t.grad_accum} x {t.batch_size} = {tokens:,} tokens/step, {flops_step / 1e9:.0f} GFLOP/step; "
-          f"{n_dev} x {device.platform} ({device.device_kind}), {t.parallel}, {os.cpu_count()} CPU cores", flush=True)
+          f"{n_dev} x {device.platform} ({device.device_kind}), {t.parallel}, {os.cpu_count()} CPU cores"
+          f"{'; freed host memory reused' if hostmem.active else ''}", flush=True)
 
     compile_s = compile_seconds(lambda: ours(1))
     traces_after_compile = ours.strategy.traces
