@@ -6,7 +6,6 @@ from pathlib import Path
 
 from gptjax.config import SampleConfig, parse_flat
 from gptjax.errors import UserError, cli
-from gptjax.hostmem import reuse_freed_memory
 from gptjax.pretrained import load
 
 INTRO = ("Sample continuations of a prompt from a checkpoint. The prompt comes from --prompt, --prompt_file or "
@@ -73,7 +72,6 @@ def warn_long(model, prompts: list[str]) -> None:
 
 @cli
 def main(argv: list[str]) -> None:
-    reuse_freed_memory()  # before JAX starts its CPU runtime
     cfg = parse_flat(SampleConfig, argv, prog="sample.py", intro=INTRO)
     prompts = read_prompts(cfg)
     if cfg.output and not Path(cfg.output).parent.is_dir():

@@ -4,8 +4,8 @@ import signal
 import sys
 
 from gptjax.config import parse_args
+from gptjax.cpu import tune_for_cpu
 from gptjax.errors import cli
-from gptjax.hostmem import reuse_freed_memory
 from gptjax.trainer import train
 
 INTRO = ("Pretrain a GPT on a text corpus. With no options: a small model on the Python standard\n"
@@ -15,7 +15,7 @@ INTRO = ("Pretrain a GPT on a text corpus. With no options: a small model on the
 
 @cli
 def main(argv: list[str]) -> None:
-    reuse_freed_memory()  # before JAX starts its CPU runtime
+    tune_for_cpu()  # before JAX starts its runtime
     history = train(parse_args(argv, prog="train.py", intro=INTRO))
     if history["interrupted"]:  # saved and stopped on a signal: exit as that signal would, 128 + its number
         sys.exit(128 + getattr(signal, history["interrupted"]))

@@ -26,8 +26,8 @@ import numpy as np
 from flax import nnx
 
 from gptjax.config import ModelConfig
+from gptjax.cpu import tune_for_cpu
 from gptjax.generate import generate_ids
-from gptjax.hostmem import reuse_freed_memory
 from gptjax.model import GPT, count_params
 
 MODELS = {  # the reference shape of the CPU figures, and GPT-2 small for accelerators
@@ -213,7 +213,6 @@ def _bench_train(args, rest) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    reuse_freed_memory()  # as train.py and sample.py do, before JAX starts its CPU runtime
     parser = argparse.ArgumentParser(prog="python -m gptjax.bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     sample = commands.add_parser("sample", help="decoding speed, time to first token and compile time")
@@ -240,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="then find the largest batch size that fits, doubling from --train.batch_size")
     train.set_defaults(run=_bench_train)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        tune_for_cpu()  # as train.py does, before JAX starts its runtime
     if args.command != "train" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.run(args, rest) if args.command == "train" else args.run(args)

@@ -5,9 +5,11 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from gptjax.hostmem import reuse_freed_memory  # noqa: E402
+from gptjax.cpu import tune_for_cpu  # noqa: E402
 
-reuse_freed_memory()  # as the command-line tools do: fewer page faults, a faster suite
+# the scheduling setting only: the suite compiles hundreds of small steps, which malloc's single arena
+# slows; the tests that start train.py get both settings, as users do (tests/test_cpu.py checks malloc's)
+tune_for_cpu(reuse_memory=False)
 
 import dataclasses  # noqa: E402
 from pathlib import Path  # noqa: E402
