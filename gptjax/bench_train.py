@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import hostmem
+from gptjax import cpu
 from gptjax.bench import compile_seconds
 from gptjax.config import Config, parse_args
 from gptjax.metrics import flops_per_token, peak_flops
@@ -63,7 +63,8 @@ class GptjaxRunner:
         self.n_params = count_params(params)
         tx = make_optimizer(t)
         self.devices = select_devices(t.devices)
-        self.strategy = STRATEGIES[t.parallel](self.graphdef, tx, m.dropout, self.devices, False)
+        self.strategy = STRATEGIES[t.parallel](self.graphdef, tx, m.dropout, self.devices, False,
+                                                loss_chunk=t.loss_chunk, remat=t.remat)
         self.state = self.strategy.put_state({"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)})
         self.rng = np.random.default_rng(0)
         self.shape = (t.grad_accum, t.batch_size, m.block_size + 1)
@@ -167,7 +168,7 @@ def bench_train(args, rest: list[str]) -> None:
           f"{m.vocab_size} (padded {m.padded_vocab_size}); {ours.n_params / 1e6:.1f}M parameters, {m.dtype} compute; "
           f"batch {t.grad_accum} x {t.batch_size} = {tokens:,} tokens/step, {flops_step / 1e9:.0f} GFLOP/step; "
           f"{n_dev} x {device.platform} ({device.device_kind}), {t.parallel}, {os.cpu_count()} CPU cores"
-          f"{'; freed host memory reused' if hostmem.active else ''}", flush=True)
+          f"{''.join('; ' + a for a in cpu.applied)}", flush=True)
 
     compile_s = compile_seconds(lambda: ours(1))
     traces_after_compile = ours.strategy.traces

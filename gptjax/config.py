@@ -92,6 +92,11 @@ class TrainConfig:
     parallel: Literal["pmap", "fsdp"] = opt("pmap", "parallel strategy: pmap replicates the model on every device; "
                                             "fsdp shards parameters and optimizer state over them")
     devices: int = opt(0, "how many devices of each process to use; 0 uses all")
+    loss_chunk: int = opt(2048, "tokens per cross-entropy chunk: the loss and its gradient are computed that many "
+                               "tokens at a time, never holding the whole batch's logits; 0: all at once")
+    remat: Literal["none", "block", "dots"] = opt("none", "recompute activations in the backward pass to save "
+                                                  "memory: block keeps only each block's input, dots also its "
+                                                  "matrix products; none keeps everything (fastest)")
     on_nonfinite: Literal["stop", "skip"] = opt("stop", "a NaN or infinite loss or gradient: stop the run, or skip that update")
     sample_tokens: int = opt(120, "tokens to sample at the end of training; 0 for none")
 
@@ -102,6 +107,7 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be 0 or more, got {self.warmup_steps}.")
         _check(self.lr > 0 and self.min_lr >= 0, f"train.lr must be positive and train.min_lr not negative, got {self.lr} and {self.min_lr}.")
         _check(self.grad_clip >= 0, f"train.grad_clip must be 0 (off) or positive, got {self.grad_clip}.")
+        _check(self.loss_chunk >= 0, f"train.loss_chunk must be 0 (all at once) or more, got {self.loss_chunk}.")
         _check(self.sample_tokens >= 0, f"train.sample_tokens must be 0 or more, got {self.sample_tokens}.")
 
 

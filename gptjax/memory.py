@@ -57,7 +57,7 @@ def report(cfg: Config) -> dict:
     x = jax.ShapeDtypeStruct((accum, micro, cfg.model.block_size), jnp.int32)
     out = {"params": count_params(params), "devices": describe(devices), "batch": (accum, micro, cfg.model.block_size)}
     for name, cls in STRATEGIES.items():
-        strategy = cls(graphdef, tx, cfg.model.dropout, devices)
+        strategy = cls(graphdef, tx, cfg.model.dropout, devices, loss_chunk=t.loss_chunk, remat=t.remat)
         start = time.time()
         mem = strategy.lower(state, x).compile().memory_analysis()
         out[name] = {

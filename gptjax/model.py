@@ -24,8 +24,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.config import ModelConfig
+from gptjax.loss import chunked_cross_entropy, cross_entropy
 
 INIT_STD = 0.02
+# what a rematerialised block keeps for the backward pass (jax.checkpoint policies); the rest is recomputed
+REMAT = {"block": jax.checkpoint_policies.nothing_saveable,
+         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def _dtype(name: str):
@@ -157,14 +161,37 @@ class GPT(nnx.Module):
             logits_BTV = jnp.where(jnp.arange(logits_BTV.shape[-1]) < V, logits_BTV, -jnp.inf)
         return logits_BTV
 
-    def __call__(self, idx_BT, *, deterministic=True, rngs=None):
-        """Logits (float32, padded vocabulary) for every position of a batch of full sequences."""
+    def features(self, idx_BT, *, deterministic=True, rngs=None, remat: str = "none"):
+        """The last block's output for a batch of full sequences, before the final layer norm.
+
+        `remat` (see REMAT) trades compute for memory in a backward pass: "block" keeps only each
+        block's input and recomputes the rest, "dots" also keeps the matrix products' outputs.
+        """
         B, T = idx_BT.shape
         positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
         x_BTD = self._embed(idx_BT, positions_BT, deterministic, rngs)
         for block in self.h:
-            x_BTD, _ = block(x_BTD, deterministic=deterministic, rngs=rngs)
-        return self._logits(x_BTD)
+            if remat == "none":
+                x_BTD, _ = block(x_BTD, deterministic=deterministic, rngs=rngs)
+            else:
+                run = nnx.remat(lambda blk, x, r: blk(x, deterministic=deterministic, rngs=r)[0], policy=REMAT[remat])
+                x_BTD = run(block, x_BTD, rngs)
+        return x_BTD
+
+    def __call__(self, idx_BT, *, deterministic=True, rngs=None):
+        """Logits (float32, padded vocabulary) for every position of a batch of full sequences."""
+        return self._logits(self.features(idx_BT, deterministic=deterministic, rngs=rngs))
+
+    def loss(self, idx_BT, targets_BT, *, chunk: int = 0, remat: str = "none", deterministic=True, rngs=None):
+        """Mean next-token cross-entropy; `chunk` > 0 computes it that many tokens at a time
+        (loss.chunked_cross_entropy), never holding the whole batch's logits."""
+        x_BTD = self.features(idx_BT, deterministic=deterministic, rngs=rngs, remat=remat)
+        if chunk <= 0:
+            return cross_entropy(self._logits(x_BTD), targets_BT)
+        h_BTD = self.ln_f(x_BTD)
+        h_ND = h_BTD.reshape(-1, h_BTD.shape[-1]).astype(_dtype(self.cfg.dtype))
+        return chunked_cross_entropy(h_ND, self.wte.embedding[...], targets_BT.reshape(-1),
+                                     self.cfg.vocab_size, chunk)
 
     def init_cache(self, batch_size: int, length: int | None = None, dtype=None):
         cfg = self.cfg

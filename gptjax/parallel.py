@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gptjax.errors import UserError
-from gptjax.step import make_eval_step, make_train_step
+from gptjax.step import LOSS_CHUNK, make_eval_step, make_train_step
 
 AXIS = "data"
 
@@ -96,11 +96,12 @@ class Pmap(_Strategy):
     """Replicated state, batch split over the leading device axis."""
 
     def __init__(self, graphdef, tx: optax.GradientTransformation, dropout: float, devices: list,
-                 skip_nonfinite: bool = False):
+                 skip_nonfinite: bool = False, loss_chunk: int = LOSS_CHUNK, remat: str = "none"):
         super().__init__(devices)
         # pmap takes and returns host-local arrays: a leading axis over this process's devices only
         self._local = NamedSharding(Mesh(np.array(self.local_devices), (AXIS,)), P(AXIS))
-        inner = make_train_step(graphdef, tx, dropout, reduce=_pmean, skip_nonfinite=skip_nonfinite)
+        inner = make_train_step(graphdef, tx, dropout, reduce=_pmean, skip_nonfinite=skip_nonfinite,
+                                loss_chunk=loss_chunk, remat=remat)
 
         def train_step(state, x, y, key):
             self.traces += 1
@@ -108,7 +109,7 @@ class Pmap(_Strategy):
             return inner(state, x, y, jax.random.fold_in(key, jax.lax.axis_index(AXIS)))
 
         self._train = jax.pmap(train_step, AXIS, in_axes=(0, 0, 0, None), donate_argnums=(0,), devices=devices)
-        self._eval = jax.pmap(make_eval_step(graphdef, reduce=_pmean), AXIS, devices=devices)
+        self._eval = jax.pmap(make_eval_step(graphdef, reduce=_pmean, loss_chunk=loss_chunk), AXIS, devices=devices)
 
     def shardings(self, tree):
         """The layout of one replica: whole on every device."""
@@ -169,10 +170,11 @@ class Fsdp(_Strategy):
     """State sharded over the devices leaf by leaf, batch sharded by rows, one jit-compiled step."""
 
     def __init__(self, graphdef, tx: optax.GradientTransformation, dropout: float, devices: list,
-                 skip_nonfinite: bool = False):
+                 skip_nonfinite: bool = False, loss_chunk: int = LOSS_CHUNK, remat: str = "none"):
         super().__init__(devices)
-        self._step = make_train_step(graphdef, tx, dropout, skip_nonfinite=skip_nonfinite)
-        self._eval_step = make_eval_step(graphdef)
+        self._step = make_train_step(graphdef, tx, dropout, skip_nonfinite=skip_nonfinite, loss_chunk=loss_chunk,
+                                     remat=remat)
+        self._eval_step = make_eval_step(graphdef, loss_chunk=loss_chunk)
         self._replicated = NamedSharding(self.mesh, P())
         self._rows = {2: NamedSharding(self.mesh, P(AXIS)), 3: NamedSharding(self.mesh, P(None, AXIS))}
         self._train = self._eval = self._key = None

@@ -14,26 +14,25 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from gptjax.config import TrainConfig
 
-def cross_entropy(logits_BTV, targets_BT):
-    """Mean next-token cross-entropy in float32."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT).mean()
+LOSS_CHUNK = TrainConfig.loss_chunk  # the default, as in training
 
 
-def loss_fn(graphdef, params, x_BT, y_BT, dropout_key=None):
+def loss_fn(graphdef, params, x_BT, y_BT, dropout_key=None, loss_chunk: int = 0, remat: str = "none"):
     model = nnx.merge(graphdef, params)
-    logits_BTV = model(x_BT, deterministic=dropout_key is None, rngs=dropout_key)
-    return cross_entropy(logits_BTV, y_BT)
+    return model.loss(x_BT, y_BT, chunk=loss_chunk, remat=remat, deterministic=dropout_key is None, rngs=dropout_key)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, dropout: float,
-                    reduce: Callable = lambda tree: tree, skip_nonfinite: bool = False):
+                    reduce: Callable = lambda tree: tree, skip_nonfinite: bool = False,
+                    loss_chunk: int = LOSS_CHUNK, remat: str = "none"):
     """A step over a batch of shape (A, b, T): A micro-batches whose gradients are averaged.
 
     With `skip_nonfinite`, a step whose loss or gradient is not finite leaves parameters and
     optimizer state as they were (the step counter still advances, so the batches stay aligned).
     """
-    grad_fn = jax.value_and_grad(lambda p, x, y, k: loss_fn(graphdef, p, x, y, k))
+    grad_fn = jax.value_and_grad(lambda p, x, y, k: loss_fn(graphdef, p, x, y, k, loss_chunk, remat))
 
     def train_step(state, x_ABT, y_ABT, key):
         params = state["params"]
@@ -65,8 +64,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, dropout: float,
     return train_step
 
 
-def make_eval_step(graphdef, reduce: Callable = lambda tree: tree):
+def make_eval_step(graphdef, reduce: Callable = lambda tree: tree, loss_chunk: int = LOSS_CHUNK):
     def eval_step(params, x_BT, y_BT):
-        return reduce(loss_fn(graphdef, params, x_BT, y_BT))
+        return reduce(loss_fn(graphdef, params, x_BT, y_BT, loss_chunk=loss_chunk))
 
     return eval_step

@@ -21,12 +21,12 @@ import numpy as np
 from flax import nnx
 
 from gptjax import data as data_lib
-from gptjax.checkpoint import CHECKPOINTS, Checkpointer
 from gptjax import distributed
+from gptjax.checkpoint import CHECKPOINTS, Checkpointer
 from gptjax.config import Config, from_dict, to_dict, to_toml
 from gptjax.errors import UserError
 from gptjax.generate import generate_ids
-from gptjax.metrics import MetricsLog, Progress, Rate, fmt_time, flops_per_token, peak_flops
+from gptjax.metrics import MetricsLog, Progress, Rate, flops_per_token, fmt_time, peak_flops
 from gptjax.model import GPT, count_params
 from gptjax.optim import learning_rate, make_optimizer
 from gptjax.parallel import STRATEGIES, describe, plan_batch, select_devices
@@ -180,7 +180,7 @@ class Trainer:
         log(f"train: {t.max_steps} steps of {self.tokens_per_step:,} tokens on {describe(self.devices)} ({t.parallel})")
 
         self.strategy = STRATEGIES[t.parallel](self.graphdef, tx, cfg.model.dropout, self.devices,
-                                               t.on_nonfinite == "skip")
+                                               t.on_nonfinite == "skip", loss_chunk=t.loss_chunk, remat=t.remat)
         self.state = self.strategy.put_state({"params": params, "opt_state": opt_state, "step": jnp.int32(self.start)})
         self.history = {"loss": {}, "val_loss": {}, "skipped": []}
         self.progress = Progress(t.max_steps, log)

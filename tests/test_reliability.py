@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -108,9 +109,13 @@ def test_resume_on_an_empty_run_starts_from_scratch(corpus, tmp_path):
 
 def test_nonfinite_step_stops_with_the_last_good_checkpoint(corpus, tmp_path):
     cfg = tiny_config(tmp_path / "run", corpus, lr=1e4, grad_clip=0.0, warmup_steps=0, ckpt_interval=1)
-    with pytest.raises(UserError, match=r"step 3 was not finite.*last good checkpoint is step 2.*on_nonfinite=skip"):
+    with pytest.raises(UserError, match=r"step (\d+) was not finite.*last good checkpoint is step (\d+).*"
+                                        r"on_nonfinite=skip") as error:
         train(cfg, log=quiet)
-    assert Checkpointer(tmp_path / "run", create=False).all_steps()[-1] == 2
+    # lr=1e4 overflows within a few steps; which one depends on float32 rounding
+    bad, good = map(int, re.search(r"step (\d+) was not.*checkpoint is step (\d+)", str(error.value)).groups())
+    assert 2 <= bad <= 6 and good == bad - 1
+    assert Checkpointer(tmp_path / "run", create=False).all_steps()[-1] == good
 
 
 def test_nonfinite_steps_can_be_skipped(corpus, tmp_path):
