@@ -30,7 +30,7 @@ from gptjax import cpu
 from gptjax.bench import compile_seconds
 from gptjax.config import Config, parse_args
 from gptjax.metrics import flops_per_token, peak_flops
-from gptjax.model import count_params
+from gptjax.model import attention_implementation, count_params
 from gptjax.optim import make_optimizer
 from gptjax.parallel import STRATEGIES, select_devices
 from gptjax.trainer import init_model, is_out_of_memory
@@ -164,10 +164,12 @@ def bench_train(args, rest: list[str]) -> None:
     flops_step = flops_per_token(m, ours.n_params) * tokens
     on_cpu = device.platform == "cpu"
     table_peak = peak_flops(device)
+    head = jax.ShapeDtypeStruct((1, 1, m.n_head, m.n_embd // m.n_head), jnp.dtype(m.dtype))
     print(f"gptjax train: {m.n_layer} layers, {m.n_head} heads, width {m.n_embd}, context {m.block_size}, vocabulary "
           f"{m.vocab_size} (padded {m.padded_vocab_size}); {ours.n_params / 1e6:.1f}M parameters, {m.dtype} compute; "
           f"batch {t.grad_accum} x {t.batch_size} = {tokens:,} tokens/step, {flops_step / 1e9:.0f} GFLOP/step; "
-          f"{n_dev} x {device.platform} ({device.device_kind}), {t.parallel}, {os.cpu_count()} CPU cores"
+          f"{n_dev} x {device.platform} ({device.device_kind}), {t.parallel}, {os.cpu_count()} CPU cores; "
+          f"attention {attention_implementation(head) or 'xla'}; loss chunk {t.loss_chunk or 'off'}; remat {t.remat}"
           f"{''.join('; ' + a for a in cpu.applied)}", flush=True)
 
     compile_s = compile_seconds(lambda: ours(1))

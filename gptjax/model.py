@@ -18,6 +18,7 @@ in the compute dtype, with X = B·N: row b·N + n holds head n of sequence b.
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,27 @@ def sincos_encoding(positions_BT: jax.Array, d: int) -> jax.Array:
     return pe if d % 2 == 0 else jnp.pad(pe, ((0, 0), (0, 0), (0, 1)))
 
 
+def attention_implementation(q_BTNH) -> str | None:
+    """cuDNN's fused (flash) attention where it applies: an NVIDIA GPU, 16-bit compute, heads of at
+    most 128 features in multiples of 8. Elsewhere None, XLA's own. GPTJAX_ATTENTION=xla forces XLA."""
+    H = q_BTNH.shape[-1]
+    if (os.environ.get("GPTJAX_ATTENTION", "auto") == "xla" or jax.default_backend() != "gpu"
+            or q_BTNH.dtype not in (jnp.bfloat16, jnp.float16) or H > 128 or H % 8):
+        return None
+    return "cudnn"
+
+
+def causal_attention(q_BTNH, k_BTNH, v_BTNH):
+    """Causal self-attention over full sequences, through jax.nn.dot_product_attention."""
+    implementation = attention_implementation(q_BTNH)
+    if implementation == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True, implementation="cudnn")
+        except (RuntimeError, ValueError, NotImplementedError):  # a cuDNN too old for the fused kernel
+            pass
+    return jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True)
+
+
 def _cached_attention(q_XTH, k_XSH, v_XSH, mask_XTS):
     """jax.nn.dot_product_attention's arithmetic (float32 scores and softmax) on the cache's layout."""
     precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q_XTH.dtype == jnp.bfloat16 else None
@@ -83,7 +105,7 @@ class CausalSelfAttention(nnx.Module):
         qkv = self.c_attn(x_BTD)
         q_BTNH, k_BTNH, v_BTNH = (a.reshape(B, T, N, D // N) for a in jnp.split(qkv, 3, axis=-1))
         if cache is None:
-            y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True)
+            y_BTNH = causal_attention(q_BTNH, k_BTNH, v_BTNH)
         else:
             # the cache is kept (X, S, H), X = B·N rows of one head's keys or values: the attention
             # dots read it as it lies, where other layouts cost the CPU a copy or a transpose per step

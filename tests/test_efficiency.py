@@ -14,7 +14,7 @@ from flax import nnx
 
 from gptjax.config import ModelConfig
 from gptjax.loss import chunked_cross_entropy, cross_entropy
-from gptjax.model import GPT
+from gptjax.model import GPT, attention_implementation
 from gptjax.step import make_train_step
 
 
@@ -102,3 +102,15 @@ def test_memory_saved_by_chunking_and_rematerialisation():
     assert plain - chunked > logits  # autodiff keeps more than one copy; the chunks keep a 64-row slice
     assert temp_bytes(loss_chunk=64, remat="block") < chunked
 
+
+
+def test_attention_uses_cudnn_only_where_it_applies(monkeypatch):
+    q = lambda dtype, H=64: jax.ShapeDtypeStruct((2, 8, 4, H), dtype)  # noqa: E731
+    assert attention_implementation(q(jnp.bfloat16)) is None  # this is a CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attention_implementation(q(jnp.bfloat16)) == "cudnn"
+    assert attention_implementation(q(jnp.float16, H=128)) == "cudnn"
+    for unsupported in (q(jnp.float32), q(jnp.bfloat16, H=12), q(jnp.bfloat16, H=256)):
+        assert attention_implementation(unsupported) is None
+    monkeypatch.setenv("GPTJAX_ATTENTION", "xla")
+    assert attention_implementation(q(jnp.bfloat16)) is None
