@@ -3,16 +3,16 @@
 The output layer is the model's largest product: for the reference shape (2,048 tokens a step,
 a 50,304-word vocabulary) its float32 logits take 412 MB, and autodiff keeps them, their
 softmax and their gradient alive at once, each a pass through memory. `chunked_cross_entropy`
-walks the tokens `chunk` rows at a time: it computes a chunk's logits, its loss, and at once
-the gradient with respect to both the chunk's features and the output matrix, so the backward
-pass has nothing left to do but scale the saved gradients. Only one chunk of logits exists at
+walks the batch a few positions of every sequence at a time (about `chunk` tokens): it computes
+a chunk's logits, its loss, and at once the gradient with respect to both the chunk's features
+and the output matrix, so the backward pass has nothing left to do but scale the saved gradients. Only one chunk of logits exists at
 any moment; the softmax's exponentials are taken once (autodiff takes them twice); padded
 vocabulary rows are sliced off instead of being masked with -inf.
 
 The arithmetic is the plain form's, the same dtypes in the same places: logits in the compute
 dtype, made float32 before the softmax; the logits' gradient cast back to the compute dtype for
 the two products. Results differ from the plain form by float32 rounding only, because sums
-run in another order (tests/test_model.py checks both against each other).
+run in another order (tests/test_efficiency.py checks both against each other).
 """
 
 from __future__ import annotations
@@ -29,22 +29,25 @@ def cross_entropy(logits_BTV, targets_BT):
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT).mean()
 
 
-def _chunks(h_ND, targets_N, chunk: int):
-    """(C, R, D) features, (C, R) targets and (C, R) weights (1/N, 0 on padding rows), R = chunk."""
-    N = h_ND.shape[0]
-    R = min(chunk, N)
-    C = -(-N // R)
-    pad = C * R - N
-    weights_N = jnp.full((N,), 1.0 / N, jnp.float32)
+def _chunks(h_BTD, targets_BT, chunk: int):
+    """(C, B, t, D) features, (C, B, t) targets and weights (1/(B·T), 0 on padding): C chunks of t
+    positions of every sequence, about `chunk` tokens each. Chunks split time, not the batch, so
+    a batch sharded over devices stays sharded the same way in every chunk."""
+    B, T, _ = h_BTD.shape
+    t = max(1, min(T, chunk // B))
+    C = -(-T // t)
+    pad = C * t - T
+    weights_BT = jnp.full((B, T), 1.0 / (B * T), jnp.float32)
     if pad:
-        h_ND = jnp.pad(h_ND, ((0, pad), (0, 0)))
-        targets_N, weights_N = jnp.pad(targets_N, (0, pad)), jnp.pad(weights_N, (0, pad))
-    return h_ND.reshape(C, R, -1), targets_N.reshape(C, R), weights_N.reshape(C, R)
+        h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
+        targets_BT, weights_BT = (jnp.pad(a, ((0, 0), (0, pad))) for a in (targets_BT, weights_BT))
+    split = lambda a: jnp.moveaxis(a.reshape(B, C, t, *a.shape[2:]), 1, 0)  # noqa: E731
+    return split(h_BTD), split(targets_BT), split(weights_BT)
 
 
-def _chunk_logits(x_RD, w_VD):
-    """The output layer on one chunk: (R, V) logits in the compute dtype, then float32."""
-    return jnp.dot(x_RD, w_VD.T).astype(jnp.float32)
+def _chunk_logits(x_BtD, w_VD):
+    """The output layer on one chunk: (B·t, V) logits in the compute dtype, then float32."""
+    return jnp.dot(x_BtD.reshape(-1, x_BtD.shape[-1]), w_VD.T).astype(jnp.float32)
 
 
 def _chunk_loss(logits_RV, targets_R, weights_R):
@@ -63,57 +66,53 @@ def _real_vocab(w_VD, vocab_size: int, dtype):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def chunked_cross_entropy(h_ND, w_VD, targets_N, vocab_size: int, chunk: int):
-    """Mean cross-entropy of the logits h @ w[:vocab_size].T, `chunk` rows at a time.
+def chunked_cross_entropy(h_BTD, w_VD, targets_BT, vocab_size: int, chunk: int):
+    """Mean cross-entropy of the logits h @ w[:vocab_size].T, about `chunk` tokens at a time.
 
-    h_ND: final features in the compute dtype; w_VD: the (padded) output matrix, float32;
-    targets_N: int token ids below vocab_size. Rows of w past vocab_size are never predicted.
+    h_BTD: final features in the compute dtype; w_VD: the (padded) output matrix, float32;
+    targets_BT: int token ids below vocab_size. Rows of w past vocab_size are never predicted.
     """
-    hs, ts, ws = _chunks(h_ND, targets_N, chunk)
-    w = _real_vocab(w_VD, vocab_size, h_ND.dtype)
+    hs, ts, ws = _chunks(h_BTD, targets_BT, chunk)
+    w = _real_vocab(w_VD, vocab_size, h_BTD.dtype)
 
     def body(total, inputs):
-        x_RD, t_R, wt_R = inputs
-        loss, _, _ = _chunk_loss(_chunk_logits(x_RD, w), t_R, wt_R)
+        x_BtD, t_Bt, wt_Bt = inputs
+        loss, _, _ = _chunk_loss(_chunk_logits(x_BtD, w), t_Bt.reshape(-1), wt_Bt.reshape(-1))
         return total + loss, None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts, ws))
     return total
 
 
-def _forward_and_gradients(h_ND, w_VD, targets_N, vocab_size: int, chunk: int):
-    N, D = h_ND.shape
-    dtype = h_ND.dtype
-    hs, ts, ws = _chunks(h_ND, targets_N, chunk)
+def _forward_and_gradients(h_BTD, w_VD, targets_BT, vocab_size: int, chunk: int):
+    B, T, D = h_BTD.shape
+    dtype = h_BTD.dtype
+    hs, ts, ws = _chunks(h_BTD, targets_BT, chunk)
     w = _real_vocab(w_VD, vocab_size, dtype)
 
     def body(carry, inputs):
         total, dw_VD = carry
-        x_RD, t_R, wt_R = inputs
+        x_BtD, t_Bt, wt_Bt = inputs
+        x_RD, t_R, wt_R = x_BtD.reshape(-1, D), t_Bt.reshape(-1), wt_Bt.reshape(-1)  # R = B·t rows
         loss, exp_RV, sum_R = _chunk_loss(_chunk_logits(x_RD, w), t_R, wt_R)
         # d loss / d logits = (softmax - one_hot(target)) * weight, in float32, then the compute dtype
         probs_RV = exp_RV * (1.0 / sum_R)[:, None]
         onehot_RV = jnp.arange(vocab_size)[None, :] == t_R[:, None]
         dlogits_RV = ((probs_RV - onehot_RV) * wt_R[:, None]).astype(dtype)
-        dx_RD = jnp.dot(dlogits_RV, w)
+        dx_BtD = jnp.dot(dlogits_RV, w).reshape(x_BtD.shape)
         dw_VD = dw_VD + jnp.dot(dlogits_RV.T, x_RD, preferred_element_type=jnp.float32)
-        return (total + loss, dw_VD), dx_RD
+        return (total + loss, dw_VD), dx_BtD
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros((vocab_size, D), jnp.float32))
-    (total, dw_VD), dxs = jax.lax.scan(body, init, (hs, ts, ws))
-    dh_ND = dxs.reshape(-1, D)[:N]
+    (total, dw_VD), dxs = jax.lax.scan(body, init, (hs, ts, ws))  # dxs: (C, B, t, D)
+    dh_BTD = jnp.moveaxis(dxs, 0, 1).reshape(B, -1, D)[:, :T]
     dw_VD = jnp.pad(dw_VD, ((0, w_VD.shape[0] - vocab_size), (0, 0))).astype(w_VD.dtype)
-    return total, (dh_ND, dw_VD)
-
-
-def _fwd(h_ND, w_VD, targets_N, vocab_size, chunk):
-    total, grads = _forward_and_gradients(h_ND, w_VD, targets_N, vocab_size, chunk)
-    return total, grads
+    return total, (dh_BTD, dw_VD)
 
 
 def _bwd(vocab_size, chunk, grads, g):
-    dh_ND, dw_VD = grads
-    return (g * dh_ND).astype(dh_ND.dtype), g * dw_VD, None
+    dh_BTD, dw_VD = grads
+    return (g * dh_BTD).astype(dh_BTD.dtype), g * dw_VD, None
 
 
-chunked_cross_entropy.defvjp(_fwd, _bwd)
+chunked_cross_entropy.defvjp(_forward_and_gradients, _bwd)  # the gradients are the residuals

@@ -210,10 +210,8 @@ class GPT(nnx.Module):
         x_BTD = self.features(idx_BT, deterministic=deterministic, rngs=rngs, remat=remat)
         if chunk <= 0:
             return cross_entropy(self._logits(x_BTD), targets_BT)
-        h_BTD = self.ln_f(x_BTD)
-        h_ND = h_BTD.reshape(-1, h_BTD.shape[-1]).astype(_dtype(self.cfg.dtype))
-        return chunked_cross_entropy(h_ND, self.wte.embedding[...], targets_BT.reshape(-1),
-                                     self.cfg.vocab_size, chunk)
+        h_BTD = self.ln_f(x_BTD).astype(_dtype(self.cfg.dtype))
+        return chunked_cross_entropy(h_BTD, self.wte.embedding[...], targets_BT, self.cfg.vocab_size, chunk)
 
     def init_cache(self, batch_size: int, length: int | None = None, dtype=None):
         cfg = self.cfg

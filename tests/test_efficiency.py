@@ -53,9 +53,9 @@ def test_chunked_cross_entropy_matches_the_plain_one(chunk):
 
 
 def test_chunked_cross_entropy_on_features_matches_full_logits():
-    h = jax.random.normal(jax.random.key(0), (10, 8))
+    h = jax.random.normal(jax.random.key(0), (2, 5, 8))
     w = jax.random.normal(jax.random.key(1), (12, 8))
-    t = jax.random.randint(jax.random.key(2), (10,), 0, 12)
+    t = jax.random.randint(jax.random.key(2), (2, 5), 0, 12)
     plain = jax.value_and_grad(lambda h, w: cross_entropy(h @ w.T, t), argnums=(0, 1))(h, w)
     chunked = jax.value_and_grad(lambda h, w: 3.0 * chunked_cross_entropy(h, w, t, 12, 4), argnums=(0, 1))(h, w)
     np.testing.assert_allclose(chunked[0], 3.0 * plain[0], rtol=1e-6)
