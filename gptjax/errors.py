@@ -28,13 +28,30 @@ def cli(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        # A script holds back "Exception ignored in ..." reports (finalizers that fail, such as the
+        # coroutines of an orbax read abandoned on a damaged checkpoint) until it ends normally; after
+        # a user error they are noise, and they would interleave with the message.
+        held, report = [], sys.unraisablehook
+        if as_script:
+            sys.unraisablehook = held.append
         try:
-            return main(*args, **kwargs)
+            result = main(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             _exit(2, as_script)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             _exit(130, as_script)
+        except SystemExit:
+            _report(held, report)
+            raise
+        _report(held, report)
+        return result
 
     return wrapper
+
+
+def _report(held: list, report) -> None:
+    sys.unraisablehook = report
+    for unraisable in held:
+        report(unraisable)
