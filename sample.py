@@ -4,7 +4,8 @@ import json
 import sys
 from pathlib import Path
 
-from gptjax.config import SampleConfig, parse_flat
+from gptjax.config import SampleConfig
+from gptjax.options import parse_flat
 from gptjax.errors import UserError, cli
 from gptjax.pretrained import load
 

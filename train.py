@@ -3,7 +3,7 @@
 import signal
 import sys
 
-from gptjax.config import parse_args
+from gptjax.options import parse_args
 from gptjax.cpu import tune_for_cpu
 from gptjax.errors import cli
 from gptjax.trainer import train

@@ -28,7 +28,8 @@ import numpy as np
 
 from gptjax import cpu
 from gptjax.bench import compile_seconds
-from gptjax.config import Config, parse_args
+from gptjax.config import Config
+from gptjax.options import parse_args
 from gptjax.metrics import flops_per_token, peak_flops
 from gptjax.model import attention_implementation, count_params
 from gptjax.optim import make_optimizer

@@ -27,7 +27,8 @@ import numpy as np
 from flax import nnx
 
 from gptjax.checkpoint import CHECKPOINTS, Checkpointer, flatten, unflatten
-from gptjax.config import Config, DataConfig, ModelConfig, to_dict, to_toml
+from gptjax.config import Config, DataConfig, ModelConfig
+from gptjax.options import to_dict, to_toml
 from gptjax.errors import UserError, cli
 from gptjax.model import GPT, sincos_encoding
 from gptjax.tokenizer import get_tokenizer

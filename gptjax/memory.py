@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptjax.config import Config, parse_args
+from gptjax.config import Config
+from gptjax.options import parse_args
 from gptjax.errors import cli
 from gptjax.model import GPT, count_params
 from gptjax.optim import make_optimizer

@@ -14,7 +14,8 @@ import numpy as np
 from flax import nnx
 
 from gptjax.checkpoint import Checkpointer, find_checkpoint
-from gptjax.config import Config, from_dict
+from gptjax.config import Config
+from gptjax.options import from_dict
 from gptjax.errors import UserError
 from gptjax.generate import stream_ids
 from gptjax.model import GPT

@@ -23,7 +23,8 @@ from flax import nnx
 from gptjax import data as data_lib
 from gptjax import distributed
 from gptjax.checkpoint import CHECKPOINTS, Checkpointer
-from gptjax.config import Config, from_dict, to_dict, to_toml
+from gptjax.config import Config
+from gptjax.options import from_dict, to_dict, to_toml
 from gptjax.errors import UserError
 from gptjax.generate import generate_ids
 from gptjax.metrics import MetricsLog, Progress, Rate, flops_per_token, fmt_time, peak_flops

@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import gptjax  # noqa: E402
-from gptjax.config import parse_args  # noqa: E402
+from gptjax.options import parse_args  # noqa: E402
 from gptjax.trainer import train  # noqa: E402
 
 

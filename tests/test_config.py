@@ -6,8 +6,8 @@ import tomllib
 import pytest
 
 from conftest import ROOT
-from gptjax.config import (Config, ModelConfig, SampleConfig, flat_fields, from_dict, load_preset, parse_args,
-                           parse_flat, preset_names, to_toml)
+from gptjax.config import Config, ModelConfig, SampleConfig
+from gptjax.options import flat_fields, from_dict, load_preset, parse_args, parse_flat, preset_names, to_toml
 from gptjax.errors import UserError
 
 

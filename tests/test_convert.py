@@ -23,7 +23,8 @@ import gptjax  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from gptjax import convert  # noqa: E402
 from gptjax.checkpoint import flatten, unflatten  # noqa: E402
-from gptjax.config import Config, DataConfig, ModelConfig, parse_args  # noqa: E402
+from gptjax.config import Config, DataConfig, ModelConfig  # noqa: E402
+from gptjax.options import parse_args  # noqa: E402
 from gptjax.errors import UserError  # noqa: E402
 from gptjax.generate import generate_ids  # noqa: E402
 from gptjax.model import GPT  # noqa: E402

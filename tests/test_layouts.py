@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from gptjax.config import DistConfig, parse_args, to_toml
+from gptjax.config import DistConfig
+from gptjax.options import parse_args, to_toml
 from gptjax.data import Dataset, train_batch
 from gptjax.distributed import detect_cluster
 from gptjax.errors import UserError
@@ -110,7 +111,7 @@ def test_every_layout_trains_the_same_model(corpus, tmp_path):
 
 def test_fsdp_holds_an_eighth_of_the_state_per_device():
     code = ("import os; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'; import json; "
-            "from gptjax.config import parse_args; from gptjax.memory import report; "
+            "from gptjax.options import parse_args; from gptjax.memory import report; "
             "print(json.dumps(report(parse_args(['--train.devices=8', '--data.tokenizer=byte', '--model.n_layer=2', "
             "'--model.n_embd=128', '--model.block_size=64']))))")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
