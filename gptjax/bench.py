@@ -49,11 +49,14 @@ def median_time(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def compile_seconds(fn) -> float:
-    """Run `fn` once and return the seconds JAX spent tracing, lowering and compiling in it."""
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+BACKEND_COMPILE = COMPILE_EVENTS[-1]  # one per XLA compilation
+
+
+def compile_durations(fn, events=COMPILE_EVENTS) -> list[float]:
+    """Run `fn` once; the seconds of each of JAX's compile-stage `events` that it caused."""
     spent = []
-    events = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-              "/jax/core/compile/backend_compile_duration")
 
     def listen(event, duration, **_):
         if event in events:
@@ -64,7 +67,12 @@ def compile_seconds(fn) -> float:
         fn()
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
-    return sum(spent)
+    return spent
+
+
+def compile_seconds(fn) -> float:
+    """Run `fn` once and return the seconds JAX spent tracing, lowering and compiling in it."""
+    return sum(compile_durations(fn))
 
 
 def read_bandwidth(megabytes: int = 512) -> float:

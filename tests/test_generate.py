@@ -6,6 +6,7 @@ from flax import nnx
 
 from conftest import tiny_config
 from gptjax import load
+from gptjax.bench import BACKEND_COMPILE, compile_durations
 from gptjax.config import ModelConfig
 from gptjax.generate import bucket, filter_logits, generate_ids, stream_ids
 from gptjax.model import GPT
@@ -80,18 +81,7 @@ def test_generation_longer_than_the_context_continues():
 
 def count_compilations(fn) -> int:
     """How many XLA compilations running `fn` caused."""
-    events = []
-
-    def listen(event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        fn()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
-    return len(events)
+    return len(compile_durations(fn, events=(BACKEND_COMPILE,)))
 
 
 def test_prompt_lengths_in_one_bucket_compile_once():
