@@ -192,12 +192,11 @@ class GPT(nnx.Module):
         B, T = idx_BT.shape
         positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
         x_BTD = self._embed(idx_BT, positions_BT, deterministic, rngs)
+        run = lambda blk, x, r: blk(x, deterministic=deterministic, rngs=r)[0]  # noqa: E731
+        if remat != "none":
+            run = nnx.remat(run, policy=REMAT[remat])
         for block in self.h:
-            if remat == "none":
-                x_BTD, _ = block(x_BTD, deterministic=deterministic, rngs=rngs)
-            else:
-                run = nnx.remat(lambda blk, x, r: blk(x, deterministic=deterministic, rngs=r)[0], policy=REMAT[remat])
-                x_BTD = run(block, x_BTD, rngs)
+            x_BTD = run(block, x_BTD, rngs)
         return x_BTD
 
     def __call__(self, idx_BT, *, deterministic=True, rngs=None):
