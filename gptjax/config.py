@@ -54,13 +54,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    corpus: str = opt("", "a text file, a folder or a glob; empty: the Python standard library's source")
+    corpus: str = opt("", "a file, a folder or a glob of text, JSON Lines (.jsonl) or Parquet files, each perhaps "
+                          "compressed (.gz, .bz2, .xz, .zst); empty: the Python standard library's source")
+    text_field: str = opt("text", "the field that holds a document's text in JSON Lines and Parquet files")
     tokenizer: Literal["gpt2", "byte"] = opt("gpt2", "tokenizer: the GPT-2 BPE, or bytes for character-level models")
-    val_fraction: float = opt(0.02, "share of the corpus held out for validation")
-    dir: str = opt("", "where the token shards go; empty: <out_dir>/data")
+    val_fraction: float = opt(0.02, "share of the corpus's documents held out for validation")
+    val_corpus: str = opt("", "a separate validation corpus (same forms as --data.corpus) instead of a held-out share")
+    dir: str = opt("", "where the token shards go; empty: <out_dir>/data. Several folders (comma-separated or a "
+                       "glob) of prepared shards are read as one")
+    workers: int = opt(0, "tokenizer processes when preparing the shards; 0: one per core")
 
     def __post_init__(self):
         _check(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}.")
+        _check(self.workers >= 0, f"data.workers must be 0 (one per core) or more, got {self.workers}.")
+        _check(bool(self.text_field), "data.text_field must name a field, e.g. text.")
 
 
 @dataclass(frozen=True)

@@ -221,13 +221,15 @@ def split_args(argv: list[str], specs: dict) -> tuple[dict[str, str], bool]:
     return raw, want_help
 
 
-def help_text(cls, prog: str, current=None, intro: str = "") -> str:
+def help_text(cls, prog: str, current=None, intro: str = "", keys=None) -> str:
     current_flat = to_flat(current) if current is not None else {}
     lines = [f"usage: {prog} [--key=value ...]", ""]
     if intro:
         lines += [intro, ""]
     section = None
     for key, (tp, default, help) in flat_fields(cls).items():
+        if keys is not None and key not in keys:
+            continue
         head = key.split(".")[0] if "." in key else ""
         if head != section:
             section = head
@@ -239,9 +241,13 @@ def help_text(cls, prog: str, current=None, intro: str = "") -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str], prog: str = "train.py", intro: str = "") -> Config:
-    """Defaults, then the preset named by --config, then the other overrides, in that order."""
+def parse_args(argv: list[str], prog: str = "train.py", intro: str = "", sections: tuple[str, ...] = ()) -> Config:
+    """Defaults, then the preset named by --config, then the other overrides, in that order.
+
+    `sections` limits the command line to those sections' options (and the top-level ones)."""
     specs = flat_fields(Config)
+    if sections:
+        specs = {k: v for k, v in specs.items() if "." not in k or k.split(".")[0] in sections}
     raw, want_help = split_args(argv, specs)
     flat: dict[str, Any] = {}
     if raw.get("config"):
@@ -251,7 +257,7 @@ def parse_args(argv: list[str], prog: str = "train.py", intro: str = "") -> Conf
         flat[key] = _convert(key, value, specs[key][0])
     cfg = _nest(Config, flat)
     if want_help:
-        print(help_text(Config, prog, cfg, intro))
+        print(help_text(Config, prog, cfg, intro, keys=specs))
         raise SystemExit(0)
     return cfg
 

@@ -147,8 +147,7 @@ class Trainer:
         if (self.accum, self.micro) != (t.grad_accum, t.batch_size):
             log(f"batch: {t.grad_accum} x {t.batch_size} sequences re-cut as {self.accum} x {self.micro}, which "
                 f"splits evenly over {describe(self.devices)}")
-        self.ds = distributed.process_0_first(lambda: data_lib.prepare(
-            cfg.data, Path(cfg.data.dir) if cfg.data.dir else run_dir / "data", log=log, shared=bool(cfg.data.dir)))
+        self.ds = distributed.process_0_first(lambda: data_lib.load(cfg.data, run_dir / "data", log=log))
         data_lib.check_fits(self.ds, cfg.model.block_size)
         self.ckpt = ckpt or Checkpointer(run_dir, keep=t.keep_checkpoints)
 
@@ -204,7 +203,7 @@ class Trainer:
     def save(self, val_loss: float | None) -> None:
         host = self.strategy.get_state(self.state)
         meta = {"step": self.done, "config": to_dict(self.cfg), "tokenizer": self.tok.name, "val_loss": val_loss,
-                "data": {"source": self.ds.meta["source"], "fingerprint": self.ds.meta["fingerprint"]}}
+                "data": {k: self.ds.meta.get(k) for k in ("source", "fingerprint")}}
         self.ckpt.save(self.done, host["params"], host["opt_state"], meta)
 
     def record(self, done: int, metrics, rate: Rate) -> None:

@@ -1,11 +1,18 @@
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
+from conftest import make_corpus, tiny_config
 from gptjax import data
 from gptjax.config import DataConfig
 from gptjax.errors import UserError
+from gptjax.tokenizer import get_tokenizer
+
+
+def quiet(_):
+    pass
 
 
 def test_default_corpus_is_the_stdlib_source():
@@ -35,35 +42,65 @@ def test_missing_and_empty_corpus(tmp_path):
         data.corpus_files(str(tmp_path / "empty"))
     (tmp_path / "blank.txt").write_text("")
     with pytest.raises(UserError, match="is empty"):
-        data.prepare(DataConfig(corpus=str(tmp_path / "blank.txt"), tokenizer="byte"), tmp_path / "d", log=lambda m: None)
+        data.prepare(DataConfig(corpus=str(tmp_path / "blank.txt"), tokenizer="byte"), tmp_path / "d", log=quiet)
 
 
-def test_prepare_writes_shards_and_reuses_them(corpus, tmp_path):
-    logs = []
+def documents_of(tokens: np.ndarray, eot: int) -> list[tuple]:
+    ends = np.flatnonzero(tokens == eot)
+    return [tuple(tokens[a + 1 if i else 0:b].tolist()) for i, (a, b) in enumerate(zip(np.r_[-1, ends[:-1]], ends))]
+
+
+def test_validation_holds_out_whole_documents(corpus, tmp_path):
     cfg = DataConfig(corpus=str(corpus), tokenizer="gpt2", val_fraction=0.1)
-    ds = data.prepare(cfg, tmp_path / "d", log=logs.append)
+    ds = data.prepare(cfg, tmp_path / "d", log=quiet)
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     assert meta["tokenizer"] == "gpt2" and meta["dtype"] == "uint16" and meta["documents"] == 40
+    assert meta["val_documents"] == 4 and meta["split"] == "documents"
     assert ds.train.dtype == np.uint16 and ds.train.size == meta["train_tokens"]
-    total = ds.train.size + ds.val.size
-    assert 0.05 < ds.val.size / total < 0.15
-    # documents end with end-of-text: 40 documents, 40 separators over both splits
-    assert int((ds.train == 50256).sum() + (ds.val == 50256).sum()) == 40
+    enc = get_tokenizer("gpt2")
+    docs = [tuple(enc.encode(f.read_text())) for f in data.corpus_files(str(corpus))]
+    val = documents_of(ds.val.to_numpy(), enc.eot_id)
+    train = documents_of(ds.train.to_numpy(), enc.eot_id)
+    assert val == [docs[i] for i in (9, 19, 29, 39)]  # every tenth document, whole
+    assert train == [d for i, d in enumerate(docs) if i not in (9, 19, 29, 39)]
+    assert meta["train_bytes"] + meta["val_bytes"] == sum(f.stat().st_size for f in data.corpus_files(str(corpus)))
 
-    logs.clear()
+
+def test_shards_are_reused_until_corpus_or_tokenizer_change(corpus, tmp_path):
+    cfg = DataConfig(corpus=str(corpus), tokenizer="gpt2", val_fraction=0.1)
+    ds = data.prepare(cfg, tmp_path / "d", log=quiet)
+    logs = []
     again = data.prepare(cfg, tmp_path / "d", log=logs.append)
     assert "reusing" in logs[0]
-    np.testing.assert_array_equal(again.train, ds.train)
-
+    np.testing.assert_array_equal(again.train.to_numpy(), ds.train.to_numpy())
     (corpus / "doc000.py").write_text("changed text\n")
     logs.clear()
     data.prepare(cfg, tmp_path / "d", log=logs.append)
-    assert "corpus changed" in logs[0]
-
+    assert "corpus or settings changed" in logs[0]
     logs.clear()
-    byte = data.prepare(DataConfig(corpus=str(corpus), tokenizer="byte", val_fraction=0.1), tmp_path / "d",
-                        log=logs.append)
+    byte = data.prepare(dataclasses.replace(cfg, tokenizer="byte"), tmp_path / "d", log=logs.append)
     assert "tokenizer changed" in logs[0] and byte.meta["tokenizer"] == "byte"
+
+
+def test_a_separate_validation_corpus(corpus, tmp_path):
+    val = make_corpus(tmp_path / "val", n_docs=3)
+    ds = data.prepare(DataConfig(corpus=str(corpus), val_corpus=str(val), tokenizer="byte"), tmp_path / "d", log=quiet)
+    assert ds.meta["split"] == "val_corpus" and ds.meta["val_documents"] == 3 and ds.meta["documents"] == 43
+    assert ds.val.size == sum(f.stat().st_size + 1 for f in val.iterdir())
+    assert ds.train.size == sum(f.stat().st_size + 1 for f in corpus.iterdir())
+    with pytest.raises(UserError, match="val_corpus .* does not exist"):
+        data.prepare(DataConfig(corpus=str(corpus), val_corpus=str(tmp_path / "nope")), tmp_path / "e", log=quiet)
+
+
+def test_one_document_holds_out_its_last_tokens(tmp_path):
+    f = tmp_path / "one.txt"
+    f.write_text("".join(f"line {i}\n" for i in range(1000)))
+    ds = data.prepare(DataConfig(corpus=str(f), tokenizer="byte", val_fraction=0.1), tmp_path / "d", log=quiet)
+    whole = f.read_bytes() + bytes([0])  # 0 stands for end-of-text below
+    tokens = np.concatenate([ds.train.to_numpy(), ds.val.to_numpy()])
+    assert bytes(np.where(tokens == 256, 0, tokens).astype(np.uint8)) == whole
+    assert ds.val.size == round(len(whole) * 0.1) and ds.meta["split"] == "tail"
+    assert ds.meta["train_bytes"] + ds.meta["val_bytes"] == len(whole) - 1
 
 
 def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
@@ -71,7 +108,7 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
     f.write_bytes("caf\xe9 au lait, encore un caf\xe9\n".encode("latin-1") * 20)
     logs = []
     ds = data.prepare(DataConfig(corpus=str(f), tokenizer="byte"), tmp_path / "d", log=logs.append)
-    assert ds.meta["replaced_bytes"] == 40
+    assert ds.meta["problems"]["counts"]["replaced"] == 40
     assert any("40 undecodable" in m for m in logs)
 
 
@@ -79,11 +116,82 @@ def test_binary_files_in_a_folder_are_skipped(corpus, tmp_path):
     (corpus / "image.bin").write_bytes(b"\x89PNG\x00\x00\x01" * 100)
     logs = []
     ds = data.prepare(DataConfig(corpus=str(corpus), tokenizer="byte"), tmp_path / "d", log=logs.append)
-    assert ds.meta["skipped_files"] == 1 and any("binary" in m for m in logs)
+    assert ds.meta["problems"]["counts"] == {"binary": 1} and any("binary" in m for m in logs)
+
+
+def halves(tmp_path, tokenizer="byte"):
+    """The test corpus prepared as two folders, as two machines would."""
+    corpus = make_corpus(tmp_path / "corpus")
+    files = sorted(corpus.iterdir())
+    for name, part in (("a", files[:20]), ("b", files[20:])):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for f in part:
+            (tmp_path / "src" / name / f.name).write_bytes(f.read_bytes())
+        data.prepare(DataConfig(corpus=str(tmp_path / "src" / name), tokenizer=tokenizer, val_fraction=0.1),
+                     tmp_path / "shards" / name, log=quiet)
+    return tmp_path / "shards"
+
+
+def test_several_folders_are_read_as_one(tmp_path):
+    shards = halves(tmp_path)
+    a, b = (data.load(DataConfig(dir=str(shards / n), tokenizer="byte"), tmp_path / "x", log=quiet) for n in "ab")
+    both = data.load(DataConfig(dir=f"{shards / 'a'},{shards / 'b'}", tokenizer="byte"), tmp_path / "x", log=quiet)
+    globbed = data.load(DataConfig(dir=str(shards / "*"), tokenizer="byte"), tmp_path / "x", log=quiet)
+    whole = np.concatenate([a.train.to_numpy(), b.train.to_numpy()])
+    for ds in (both, globbed):
+        assert ds.train.size == a.train.size + b.train.size and ds.val.size == a.val.size + b.val.size
+        np.testing.assert_array_equal(ds.train.to_numpy(), whole)
+        start = a.train.size - 10  # a window across the two folders
+        np.testing.assert_array_equal(ds.train.window(start, 33), whole[start:start + 33])
+        x, _ = data.train_batch(ds, 16, seed=0, step=0, grad_accum=1, batch_size=64)
+        assert x.shape == (1, 64, 16)
+    assert not (tmp_path / "x").exists()  # nothing prepared: the folders were read as they are
+
+
+def test_several_folders_refuse_what_does_not_fit(tmp_path):
+    shards = halves(tmp_path)
+    with pytest.raises(UserError, match="read as they are, so --data.corpus"):
+        data.load(DataConfig(dir=str(shards / "*"), corpus=str(tmp_path / "src"), tokenizer="byte"), tmp_path, quiet)
+    with pytest.raises(UserError, match="holds no prepared shards"):
+        data.load(DataConfig(dir=f"{shards / 'a'},{tmp_path / 'nope'}", tokenizer="byte"), tmp_path, quiet)
+    with pytest.raises(UserError, match="glob .* matches no folders"):
+        data.load(DataConfig(dir=str(tmp_path / "none*"), tokenizer="byte"), tmp_path, quiet)
+    with pytest.raises(UserError, match="shards of the byte tokenizer, but this run uses gpt2"):
+        data.load(DataConfig(dir=str(shards / "*"), tokenizer="gpt2"), tmp_path, quiet)
+
+
+def test_shards_written_by_another_program(tmp_path):
+    """The documented format: two files of token ids and a meta.json with six fields."""
+    folder = tmp_path / "other"
+    folder.mkdir()
+    ids = np.arange(3000, dtype="<u2") % 257
+    ids.tofile(folder / "train.bin")
+    ids[:500].tofile(folder / "val.bin")
+    meta = {"format": 2, "tokenizer": "byte", "dtype": "uint16", "eot_id": 256, "train_tokens": 3000,
+            "val_tokens": 500}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    ds = data.load(DataConfig(dir=str(folder), tokenizer="byte"), tmp_path, quiet)
+    np.testing.assert_array_equal(ds.train.to_numpy(), ids)
+    (folder / "val.bin").write_bytes(b"\x00" * 10)
+    with pytest.raises(UserError, match="val.bin holds 10 bytes, but meta.json says 500 uint16 tokens"):
+        data.load(DataConfig(dir=str(folder), tokenizer="byte"), tmp_path, quiet)
+    (folder / "meta.json").write_text(json.dumps({"format": 2, "tokenizer": "byte"}))
+    with pytest.raises(UserError, match="lacks dtype, eot_id, train_tokens, val_tokens"):
+        data.load(DataConfig(dir=str(folder), tokenizer="byte"), tmp_path, quiet)
+
+
+def test_a_run_trains_on_several_folders(tmp_path):
+    from gptjax.trainer import train
+
+    shards = halves(tmp_path)
+    cfg = tiny_config(tmp_path / "run", "", max_steps=4, eval_interval=2, ckpt_interval=4)
+    cfg = dataclasses.replace(cfg, data=DataConfig(dir=str(shards / "*"), tokenizer="byte"))
+    history = train(cfg, log=quiet)
+    assert len(history["loss"]) == 4 and np.isfinite(list(history["val_loss"].values())).all()
 
 
 def test_batches_are_a_pure_function_of_seed_and_step(corpus, tmp_path):
-    ds = data.prepare(DataConfig(corpus=str(corpus), tokenizer="byte"), tmp_path / "d", log=lambda m: None)
+    ds = data.prepare(DataConfig(corpus=str(corpus), tokenizer="byte"), tmp_path / "d", log=quiet)
     x1, y1 = data.train_batch(ds, 16, seed=3, step=5, grad_accum=2, batch_size=4)
     x2, y2 = data.train_batch(ds, 16, seed=3, step=5, grad_accum=2, batch_size=4)
     assert x1.shape == (2, 4, 16) and x1.dtype == np.int32
@@ -98,7 +206,7 @@ def test_batches_are_a_pure_function_of_seed_and_step(corpus, tmp_path):
 def test_too_small_for_the_context(tmp_path):
     f = tmp_path / "tiny.txt"
     f.write_text("just a few words\n" * 30)
-    ds = data.prepare(DataConfig(corpus=str(f), tokenizer="byte"), tmp_path / "d", log=lambda m: None)
-    data.check_fits(ds, 16)
+    ds = data.prepare(DataConfig(corpus=str(f), tokenizer="byte"), tmp_path / "d", log=quiet)
+    data.check_fits(ds, 8)
     with pytest.raises(UserError, match="too small for the context.*block_size \\+ 1 = 1,025"):
         data.check_fits(ds, 1024)

@@ -1,0 +1,443 @@
+"""Corpus → token shards, streamed: bounded memory, every core, resumable, and never half-used.
+
+The reader (sources.Reader) yields pieces of documents in order; they are packed into chunks of
+about `CHUNK_CHARS` characters; worker processes tokenize the chunks (workers.TokenizerPool); the
+results are appended in order to train.bin.partial and val.bin.partial. Memory holds a few chunks
+per worker, whatever the size of the corpus, and the output does not depend on the worker count.
+
+Split by document: with --data.val_corpus, its documents are the validation split. Otherwise
+document i goes to validation when floor((i + 1) f) > floor(i f), f = --data.val_fraction: an
+exact share, spread evenly through the corpus and decided before the document is read, so no
+validation window overlaps training text. A corpus with too few documents for that (one large
+file, say) has the last share of its tokens moved to validation instead.
+
+Resumable: every two seconds or so the partial files are flushed to disk and progress.json records
+their lengths, the reader's position and the counts so far. A preparation stopped at any moment
+(Ctrl-C, SIGTERM, SIGKILL, power loss) continues from there when run again with the same corpus
+and settings: the partial files are cut back to the recorded lengths, so nothing written after
+the record is used, and the result is byte for byte that of a run without a stop. Only when all
+is written are the partial files renamed to train.bin and val.bin, and meta.json written last;
+until then, shards prepared earlier in the folder stay as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gptjax.config import DataConfig
+from gptjax.data.shards import FORMAT_VERSION, SPLITS, Dataset, open_folder, read_meta
+from gptjax.data.sources import MAX_PIECE_CHARS, PIECE_CHARS, Problems, Reader, corpus_files
+from gptjax.data.workers import TokenizerPool, WorkerError
+from gptjax.errors import UserError
+from gptjax.metrics import fmt_time
+from gptjax.tokenizer import get_tokenizer
+
+CHUNK_CHARS = 1 << 20  # characters of text per chunk of work
+COMMIT_SECONDS = 2.0
+JOURNAL = "progress.json"
+
+
+def _fingerprint(cfg: DataConfig, files: list[Path], val_files: list[Path]) -> str:
+    h = hashlib.sha256(f"v{FORMAT_VERSION}|{cfg.tokenizer}|{cfg.val_fraction}|{cfg.text_field}".encode())
+    for group in (files, val_files):
+        h.update(b"|group")
+        for f in group:
+            st = f.stat()
+            h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _source(spec: str) -> str:
+    import sysconfig
+
+    return spec or "stdlib:" + sysconfig.get_paths()["stdlib"]
+
+
+def _to_val(index: int, fraction: float) -> bool:
+    return int((index + 1) * fraction) > int(index * fraction)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Chunk:
+    pieces: list  # (text, split, ends_document)
+    state: dict  # the journal's reader fields once this chunk is written: next position, counts, problems
+
+
+def _chunks(reader: Reader, state: dict, val_from_file: int | None, fraction: float, chunk_chars: int):
+    """Pack the reader's pieces into chunks; decide each document's split as its first piece arrives."""
+    docs, val_docs = state["documents"], state["val_documents"]
+    f0, _, p0 = state["next"]
+    current = docs - 1 if p0 else docs  # resuming inside a document: it was counted when it began
+    to_val = (f0 >= val_from_file) if val_from_file is not None else _to_val(current, fraction)
+    pieces, size = [], 0
+
+    def snapshot(where):
+        return {"next": list(where), "documents": docs, "val_documents": val_docs,
+                "problems": reader.problems.state()}
+
+    for piece in reader:
+        if size >= chunk_chars:
+            yield Chunk(pieces, snapshot(piece.where))
+            pieces, size = [], 0
+        if piece.where[2] == 0:
+            to_val = piece.where[0] >= val_from_file if val_from_file is not None else _to_val(docs, fraction)
+            docs, val_docs = docs + 1, val_docs + to_val
+        pieces.append((piece.text, int(to_val), piece.last))
+        size += len(piece.text)
+    yield Chunk(pieces, snapshot((len(reader.files), 0, 0)))
+
+
+class _Progress:
+    """In a terminal a bar redrawn as work is done; elsewhere a line every `interval` seconds."""
+
+    def __init__(self, total_bytes: int, log, interval: float = 10.0):
+        self.total, self.log = max(total_bytes, 1), log
+        self.bar = log is print and sys.stdout.isatty()
+        self.interval = 0.25 if self.bar else interval
+        self.start = self.last = time.time()
+
+    def update(self, done_bytes: int, text_bytes: int, tokens: int) -> None:
+        now = time.time()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        frac, elapsed = min(done_bytes / self.total, 1.0), now - self.start
+        left = elapsed * (1 - frac) / frac if frac > 0 else 0
+        text = (f"{frac:4.0%} of {self.total / 1e6:,.0f} MB | {text_bytes / elapsed / 1e6:5.1f} MB/s | "
+                f"{tokens:,} tokens | left {fmt_time(left)}")
+        if self.bar:
+            width = 24
+            filled = int(width * frac)
+            sys.stdout.write(f"\r\033[Kdata [{'#' * filled}{'.' * (width - filled)}] {text}")
+            sys.stdout.flush()
+        else:
+            self.log(f"data: {text}")
+
+    def close(self) -> None:
+        if self.bar:
+            sys.stdout.write("\r\033[K")
+            sys.stdout.flush()
+
+
+class _Stopped(Exception):
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _sigterm_stops():
+    """SIGTERM ends the preparation as Ctrl-C does: what is written is committed first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Stopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path, log):
+    """One preparation per folder at a time; a second waits for the first (then reuses its work)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"data: another process is preparing {folder}; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def choose_workers(cfg: DataConfig, files: list[Path], chunk_chars: int = CHUNK_CHARS) -> int:
+    """--data.workers, or one per core, but no more than the corpus has chunks of work for: a worker's
+    start (a fresh interpreter) costs more than it saves on a few megabytes."""
+    if cfg.workers:
+        return cfg.workers
+    return min(default_workers(), max(1, sum(f.stat().st_size for f in files) // (4 * chunk_chars)))
+
+
+class _Preparation:
+    """One preparation of `files` (then `val_files`) into `folder`, resumed from its journal if any."""
+
+    def __init__(self, cfg: DataConfig, folder: Path, files, val_files, fingerprint: str, log,
+                 piece_chars: int, max_piece_chars: int, chunk_chars: int):
+        self.cfg, self.folder, self.log = cfg, folder, log
+        self.files, self.val_files = files, val_files
+        self.tok = get_tokenizer(cfg.tokenizer)
+        self.dtype = np.dtype(np.uint16 if self.tok.vocab_size <= 2**16 else np.uint32).newbyteorder("<")
+        self.layout = {"fingerprint": fingerprint, "piece_chars": piece_chars, "max_piece_chars": max_piece_chars}
+        self.chunk_chars = chunk_chars
+        self.partial = {s: folder / f"{s}.bin.partial" for s in SPLITS}
+        self.journal_path = folder / JOURNAL
+        self.state = self._resume_state()
+
+    def _resume_state(self) -> dict:
+        fresh = {"next": [0, 0, 0], "documents": 0, "val_documents": 0, "problems": {}, "train_tokens": 0,
+                 "val_tokens": 0, "train_bytes": 0, "val_bytes": 0, "input_done": False, "complete": False}
+        try:
+            saved = json.loads(self.journal_path.read_text())
+        except (OSError, ValueError):
+            saved = None
+        if (isinstance(saved, dict) and saved.get("layout") == self.layout
+                and (saved.get("complete") or all(p.is_file() for p in self.partial.values()))):
+            if not saved["complete"]:
+                for split, path in self.partial.items():  # drop whatever was written after the record
+                    with open(path, "r+b") as f:
+                        f.truncate(saved[f"{split}_tokens"] * self.dtype.itemsize)
+            if saved["next"] != [0, 0, 0]:
+                done = saved["train_tokens"] + saved["val_tokens"]
+                self.log(f"data: resuming the preparation of {self.folder} ({done:,} tokens were written)")
+            return saved
+        for path in self.partial.values():
+            path.unlink(missing_ok=True)
+        return fresh
+
+    def _commit(self, files: dict) -> None:
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+        _write_json(self.journal_path, {**self.state, "layout": self.layout})
+
+    def run(self, workers: int) -> dict:
+        """Tokenize what is left, then finish; return meta.json's content."""
+        if self.state["complete"]:
+            return self._finish()
+        if not self.state["input_done"]:
+            self._tokenize(workers)
+        if not self.state["val_tokens"] and not self.val_files:
+            self._move_tail_to_val()
+        self._check_usable()
+        self.state["complete"] = True
+        _write_json(self.journal_path, {**self.state, "layout": self.layout})
+        return self._finish()
+
+    def _tokenize(self, workers: int) -> None:
+        cfg, state = self.cfg, self.state
+        problems = Problems(state["problems"])
+        all_files = self.files + self.val_files
+        reader = Reader(all_files, cfg.text_field, problems, start=state["next"], skip_binary=len(all_files) > 1,
+                        piece_chars=self.layout["piece_chars"], max_piece_chars=self.layout["max_piece_chars"])
+        val_from = len(self.files) if self.val_files else None
+        chunks = _chunks(reader, state, val_from, cfg.val_fraction, self.chunk_chars)
+        progress = _Progress(reader.total_bytes, self.log)
+        started, text_bytes = time.time(), 0
+        files = {s: open(p, "ab") for s, p in self.partial.items()}
+        last_commit = time.time()
+        try:
+            with _sigterm_stops(), TokenizerPool(self.tok.encoding, self.tok.eot_id, self.dtype, workers) as pool:
+                for chunk, (ids, nbytes) in pool.map(chunks):
+                    for split, arr in zip(SPLITS, ids):
+                        files[split].write(memoryview(arr).cast("B"))
+                    new = {"train_tokens": state["train_tokens"] + len(ids[0]),
+                           "val_tokens": state["val_tokens"] + len(ids[1]),
+                           "train_bytes": state["train_bytes"] + nbytes[0],
+                           "val_bytes": state["val_bytes"] + nbytes[1]}
+                    state.update(chunk.state, **new)
+                    text_bytes += nbytes[0] + nbytes[1]
+                    if time.time() - last_commit >= COMMIT_SECONDS:
+                        self._commit(files)
+                        last_commit = time.time()
+                    progress.update(reader.done_bytes(), text_bytes, state["train_tokens"] + state["val_tokens"])
+                state["input_done"] = True
+                self._commit(files)
+        except (KeyboardInterrupt, _Stopped) as e:
+            self._commit(files)  # every chunk written so far is whole: keep it
+            progress.close()
+            signum = e.signum if isinstance(e, _Stopped) else signal.SIGINT
+            self.log(f"data: preparation stopped by {signal.Signals(signum).name} after "
+                     f"{state['train_tokens'] + state['val_tokens']:,} tokens; run the same command again to "
+                     "continue where it stopped")
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise SystemExit(128 + signum) from None
+        except WorkerError as e:
+            self._commit(files)
+            raise UserError(str(e)) from None
+        finally:
+            for f in files.values():
+                f.close()
+        progress.close()
+        self.elapsed, self.text_bytes = time.time() - started, text_bytes
+
+    def _move_tail_to_val(self) -> None:
+        """Too few documents to hold some out: the last val_fraction of the tokens is validation."""
+        state, itemsize = self.state, self.dtype.itemsize
+        n = state["train_tokens"]
+        k = int(round(n * self.cfg.val_fraction))
+        if n < 2 or k < 1:
+            return
+        lengths = self._token_bytes()
+        moved_bytes = 0
+        with open(self.partial["train"], "rb") as src, open(self.partial["val"], "wb") as dst:
+            src.seek((n - k) * itemsize)
+            left = k
+            while left:
+                block = np.frombuffer(src.read(min(left, 1 << 22) * itemsize), dtype=self.dtype)
+                dst.write(block.tobytes())
+                moved_bytes += int(lengths[block].sum())
+                left -= len(block)
+            dst.flush()
+            os.fsync(dst.fileno())
+        eots = self._count(self.partial["val"], self.tok.eot_id)
+        state.update(train_tokens=n - k, val_tokens=k, train_bytes=state["train_bytes"] - moved_bytes,
+                     val_bytes=moved_bytes, split="tail", val_documents=eots)
+        _write_json(self.journal_path, {**state, "layout": self.layout})  # recorded first: a repeat stays exact
+        with open(self.partial["train"], "r+b") as f:
+            f.truncate((n - k) * itemsize)
+
+    def _token_bytes(self) -> np.ndarray:
+        enc = self.tok.encoding
+        lengths = np.zeros(self.tok.vocab_size, np.int64)
+        for t in range(self.tok.vocab_size):
+            if t != self.tok.eot_id:
+                lengths[t] = len(enc.decode_single_token_bytes(t))
+        return lengths
+
+    def _count(self, path: Path, token: int) -> int:
+        tokens = np.memmap(path, dtype=self.dtype, mode="r") if path.stat().st_size else np.zeros(0, self.dtype)
+        return int(sum(int((tokens[i:i + (1 << 24)] == token).sum()) for i in range(0, len(tokens), 1 << 24)))
+
+    def _check_usable(self) -> None:
+        state, cfg = self.state, self.cfg
+        problems = Problems(state["problems"]).lines()
+        detail = (" What was met: " + " | ".join(problems) + ".") if problems else ""
+        if not state["train_tokens"]:
+            self._discard()
+            raise UserError(f"corpus {cfg.corpus or 'stdlib'} is empty: its {len(self.files):,} file(s) hold no "
+                            f"usable documents (for JSON Lines and Parquet, the text goes in the field "
+                            f"--data.text_field={cfg.text_field!r}).{detail} Nothing was changed in {self.folder}.")
+        if self.val_files and not state["val_tokens"]:
+            self._discard()
+            raise UserError(f"validation corpus {cfg.val_corpus} is empty: its {len(self.val_files):,} file(s) "
+                            f"hold no usable documents.{detail} Nothing was changed in {self.folder}.")
+
+    def _discard(self) -> None:
+        for path in (*self.partial.values(), self.journal_path):
+            path.unlink(missing_ok=True)
+
+    def _finish(self) -> dict:
+        """Put the new shards in place of the old ones, then declare them complete (meta.json last)."""
+        state, tok, cfg = self.state, self.tok, self.cfg
+        meta = {
+            "format": FORMAT_VERSION, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+            "dtype": self.dtype.name, "source": _source(cfg.corpus), "val_source": cfg.val_corpus,
+            "text_field": cfg.text_field, "files": len(self.files), "val_files": len(self.val_files),
+            "documents": state["documents"], "val_documents": state["val_documents"],
+            "split": state.get("split", "val_corpus" if self.val_files else "documents"),
+            "val_fraction": cfg.val_fraction,
+            **{k: state[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes")},
+            "problems": state["problems"], "fingerprint": self.layout["fingerprint"],
+        }
+        (self.folder / "meta.json").unlink(missing_ok=True)
+        for split, path in self.partial.items():
+            if path.exists():
+                os.replace(path, self.folder / f"{split}.bin")
+        _write_json(self.folder / "meta.json", meta)
+        self.journal_path.unlink(missing_ok=True)
+        _fsync_dir(self.folder)
+        return meta
+
+
+def prepare(cfg: DataConfig, data_dir: str | Path, log=print, shared: bool = False, *, piece_chars=PIECE_CHARS,
+            max_piece_chars=MAX_PIECE_CHARS, chunk_chars=CHUNK_CHARS) -> Dataset:
+    """Tokenize the corpus into `data_dir` once; reuse the shards while corpus and settings stay the same.
+
+    A `shared` folder (named by --data.dir, perhaps used by other runs) holding shards of another
+    tokenizer or another corpus is refused rather than overwritten.
+    """
+    folder = Path(data_dir)
+    files = corpus_files(cfg.corpus)
+    val_files = corpus_files(cfg.val_corpus, option="val_corpus") if cfg.val_corpus else []
+    fingerprint = _fingerprint(cfg, files, val_files)
+
+    def reuse() -> Dataset | None:
+        meta = read_meta(folder)
+        if not meta:
+            return None
+        if meta.get("fingerprint") == fingerprint:
+            log(f"data: reusing {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens in {folder}")
+            return open_folder(folder, meta)
+        if shared and meta.get("tokenizer") != cfg.tokenizer:
+            raise UserError(f"{folder} holds token shards of the {meta.get('tokenizer')} tokenizer, but this run "
+                            f"uses {cfg.tokenizer}. Give another --data.dir (or leave it empty for <out_dir>/data), "
+                            f"or --data.tokenizer={meta.get('tokenizer')}; the shards were left as they are.")
+        if shared and meta.get("source") not in (None, _source(cfg.corpus)):
+            raise UserError(f"{folder} holds token shards of another corpus ({meta.get('source')}). Give another "
+                            "--data.dir, or leave --data.corpus empty to train on those shards as they are; the "
+                            "shards were left as they are.")
+        why = "tokenizer changed" if meta.get("tokenizer") != cfg.tokenizer else "corpus or settings changed"
+        log(f"data: {why} since {folder} was prepared; tokenizing again")
+        return None
+
+    ds = reuse()
+    if ds is not None:
+        return ds
+    with _locked(folder, log):
+        ds = reuse()  # another process may have prepared it while this one waited
+        if ds is not None:
+            return ds
+        job = _Preparation(cfg, folder, files, val_files, fingerprint, log, piece_chars, max_piece_chars,
+                           chunk_chars)
+        workers = choose_workers(cfg, files + val_files, chunk_chars)
+        meta = job.run(workers)
+    _report(meta, folder, job, workers, log)
+    return open_folder(folder, meta)
+
+
+def _report(meta: dict, folder: Path, job: _Preparation, workers: int, log) -> None:
+    text_mb = (meta["train_bytes"] + meta["val_bytes"]) / 1e6
+    took = getattr(job, "elapsed", None)
+    speed = (f" in {fmt_time(took)} ({job.text_bytes / max(took, 1e-9) / 1e6:.1f} MB/s, {workers} worker"
+             f"{'s' if workers > 1 else ''})" if took is not None else "")
+    split = {"tail": " (too few documents to hold some out: the last tokens are validation)",
+             "val_corpus": " (validation from --data.val_corpus)"}.get(meta["split"], "")
+    log(f"data: {meta['documents']:,} documents, {text_mb:,.1f} MB of text from {meta['files'] + meta['val_files']:,} "
+        f"file(s) → {meta['train_tokens']:,} train / {meta['val_tokens']:,} val {meta['tokenizer']} tokens in "
+        f"{folder}{speed}{split}")
+    for line in Problems(meta["problems"]).lines():
+        log(f"warning: {line}")
