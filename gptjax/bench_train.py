@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import cpu
-from gptjax.bench import compile_seconds
+from gptjax.timing import compile_seconds
 from gptjax.config import Config
 from gptjax.options import parse_args
 from gptjax.metrics import flops_per_token, peak_flops

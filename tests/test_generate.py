@@ -6,7 +6,7 @@ from flax import nnx
 
 from conftest import tiny_config
 from gptjax import load
-from gptjax.bench import BACKEND_COMPILE, compile_durations
+from gptjax.timing import BACKEND_COMPILE, compile_durations
 from gptjax.config import ModelConfig
 from gptjax.generate import bucket, filter_logits, generate_ids, stream_ids
 from gptjax.model import GPT
