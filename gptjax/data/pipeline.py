@@ -215,6 +215,7 @@ class _Preparation:
         self.partial = {s: folder / f"{s}.bin.partial" for s in SPLITS}
         self.journal_path = folder / JOURNAL
         self.state = self._resume_state()
+        self.worker_peak = 0
 
     def _resume_state(self) -> dict:
         fresh = {"next": [0, 0, 0], "documents": 0, "val_documents": 0, "problems": {}, "train_tokens": 0,
@@ -285,6 +286,7 @@ class _Preparation:
                     progress.update(reader.done_bytes(), text_bytes, state["train_tokens"] + state["val_tokens"])
                 state["input_done"] = True
                 self._commit(files)
+                self.worker_peak = pool.peak_rss()
         except (KeyboardInterrupt, _Stopped) as e:
             self._commit(files)  # every chunk written so far is whole: keep it
             progress.close()
@@ -383,12 +385,13 @@ class _Preparation:
         return meta
 
 
-def prepare(cfg: DataConfig, data_dir: str | Path, log=print, shared: bool = False, *, piece_chars=PIECE_CHARS,
-            max_piece_chars=MAX_PIECE_CHARS, chunk_chars=CHUNK_CHARS) -> Dataset:
+def prepare(cfg: DataConfig, data_dir: str | Path, log=print, shared: bool = False, *, stats: dict | None = None,
+            piece_chars=PIECE_CHARS, max_piece_chars=MAX_PIECE_CHARS, chunk_chars=CHUNK_CHARS) -> Dataset:
     """Tokenize the corpus into `data_dir` once; reuse the shards while corpus and settings stay the same.
 
     A `shared` folder (named by --data.dir, perhaps used by other runs) holding shards of another
-    tokenizer or another corpus is refused rather than overwritten.
+    tokenizer or another corpus is refused rather than overwritten. `stats`, if given, receives how
+    the work went: workers, seconds, text bytes and the largest worker's peak memory.
     """
     folder = Path(data_dir)
     files = corpus_files(cfg.corpus)
@@ -426,6 +429,9 @@ def prepare(cfg: DataConfig, data_dir: str | Path, log=print, shared: bool = Fal
         workers = choose_workers(cfg, files + val_files, chunk_chars)
         meta = job.run(workers)
     _report(meta, folder, job, workers, log)
+    if stats is not None:
+        stats.update(workers=workers, seconds=getattr(job, "elapsed", 0.0), text_bytes=getattr(job, "text_bytes", 0),
+                     worker_peak_rss=job.worker_peak)
     return open_folder(folder, meta)
 
 

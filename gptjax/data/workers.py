@@ -3,9 +3,11 @@
 Each worker is a fresh interpreter running `serve`, neither a fork nor a
 multiprocessing spawn: a fork would copy the caller's JAX runtime and its threads, and a spawn
 re-runs the caller's main module (train.py, or a user's script without a main guard). The pool
-sends the tiktoken encoding once, then chunks round robin. A worker holds at most one chunk, so
-results come back in the order the chunks went out and neither side can block the other on a
-full pipe. A worker ignores Ctrl-C (its parent decides what a stop means) and ends when its input
+sends the tiktoken encoding once, then chunks round robin, `DEPTH` to each worker ahead, so a
+worker always has its next chunk at hand while its parent reads, writes and sends; results come
+back in the order the chunks went out. A worker reads its input and writes its results in threads
+of their own (tiktoken releases the GIL while it encodes), so neither side ever waits on a full
+pipe. A worker ignores Ctrl-C (its parent decides what a stop means) and ends when its input
 closes, so it never outlives a parent that was killed.
 """
 
@@ -14,8 +16,10 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import queue
 import subprocess
 import sys
+import threading
 from collections import deque
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -43,6 +47,21 @@ def encode_chunk(encoding, eot_id: int, dtype, pieces) -> tuple[tuple[np.ndarray
     return arrays, (nbytes[0], nbytes[1])
 
 
+DEPTH = 2  # chunks sent ahead to each worker
+
+
+def peak_rss(pid: int | str = "self") -> int:
+    """A process's peak resident memory in bytes, from /proc (VmHWM: unlike getrusage's ru_maxrss, it
+    does not carry the parent's peak over a fork and exec); 0 where /proc does not say."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class WorkerError(RuntimeError):
     pass
 
@@ -53,6 +72,7 @@ class TokenizerPool:
     def __init__(self, encoding, eot_id: int, dtype, workers: int):
         self.encoding, self.eot_id, self.dtype = encoding, eot_id, np.dtype(dtype)
         self.procs: list[subprocess.Popen] = []
+        self.worker_peak = 0
         if workers > 1:
             env = dict(os.environ)
             package_root = str(Path(__file__).resolve().parents[2])  # importable even from a source checkout
@@ -101,22 +121,27 @@ class TokenizerPool:
             return
         chunks = iter(chunks)
         in_flight = deque()
-        for w in range(len(self.procs)):
+        for k in range(DEPTH * len(self.procs)):
             chunk = next(chunks, None)
             if chunk is None:
                 break
-            self._send(w, chunk.pieces)
-            in_flight.append((w, chunk))
+            self._send(k % len(self.procs), chunk.pieces)
+            in_flight.append((k % len(self.procs), chunk))
         while in_flight:
             w, chunk = in_flight.popleft()
-            upcoming = next(chunks, None)  # read the input while the workers tokenize
             result = self._receive(w)
+            upcoming = next(chunks, None)
             if upcoming is not None:
                 self._send(w, upcoming.pieces)
                 in_flight.append((w, upcoming))
             yield chunk, result
 
+    def peak_rss(self) -> int:
+        """The largest worker's peak resident memory in bytes (0 where /proc does not say)."""
+        return max((peak_rss(p.pid) for p in self.procs), default=0)
+
     def close(self, graceful: bool = True) -> None:
+        self.worker_peak = self.peak_rss()
         for proc in self.procs:
             try:
                 proc.stdin.close()
@@ -139,15 +164,29 @@ def serve() -> None:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not enter the result stream
     source = sys.stdin.buffer
     encoding, eot_id, dtype = pickle.load(source)
-    while True:
+    inbox, outbox = queue.Queue(), queue.Queue()
+
+    def read():
+        while True:
+            try:
+                inbox.put(pickle.load(source))
+            except EOFError:
+                inbox.put(None)
+                return
+
+    def write():
+        while (reply := outbox.get()) is not None:
+            pickle.dump(reply, out, protocol=pickle.HIGHEST_PROTOCOL)
+            out.flush()
+
+    threading.Thread(target=read, daemon=True).start()
+    writer = threading.Thread(target=write)
+    writer.start()
+    while (pieces := inbox.get()) is not None:
         try:
-            pieces = pickle.load(source)
-        except EOFError:
-            return
-        try:
-            reply = ("ok", encode_chunk(encoding, eot_id, np.dtype(dtype), pieces))
+            outbox.put(("ok", encode_chunk(encoding, eot_id, np.dtype(dtype), pieces)))
         except Exception:  # noqa: BLE001  reported to the parent, which stops the preparation
             import traceback
-            reply = ("error", traceback.format_exc())
-        pickle.dump(reply, out, protocol=pickle.HIGHEST_PROTOCOL)
-        out.flush()
+            outbox.put(("error", traceback.format_exc()))
+    outbox.put(None)
+    writer.join()
