@@ -70,6 +70,11 @@ def main(argv: list[str] | None = None) -> None:
                            "is measured (default: 64)")
     data.add_argument("--keep", metavar="DIR", help="prepare into DIR and keep it (default: a temporary folder, "
                                                     "removed afterwards)")
+    data.add_argument("--build", metavar="DIR", help="instead of timing: write a corpus of real text to DIR from the "
+                                                    "installed Python's sources and documentation (see --gib, --format)")
+    data.add_argument("--gib", type=float, default=1.0, help="with --build: its size in GiB (default: 1)")
+    data.add_argument("--format", choices=["txt", "jsonl", "jsonl.zst", "parquet"], default="txt",
+                      help="with --build: the files' format (default: txt, one document per file)")
     data.set_defaults(run=_bench_data)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
