@@ -46,6 +46,9 @@ def run_child(argv: list[str]) -> None:
     from gptjax.data.sources import corpus_files
     from gptjax.data.workers import peak_rss
 
+    from gptjax.malloc import return_large_blocks
+
+    return_large_blocks()  # as python -m gptjax.data prepare does
     folder = argv[0]
     cfg = parse_args(argv[1:], prog="python -m gptjax.bench data", sections=("data",))
     files = corpus_files(cfg.data.corpus) + (corpus_files(cfg.data.val_corpus) if cfg.data.val_corpus else [])

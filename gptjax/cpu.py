@@ -22,12 +22,11 @@ the user set in XLA_FLAGS is left alone; GPTJAX_CPU_TUNING=off leaves everything
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 
-# mallopt parameters, from glibc's <malloc.h>
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+from gptjax.malloc import M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD, mallopt
+
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 
 applied: list[str] = []  # what tune_for_cpu() set in this process, for reports
@@ -54,18 +53,8 @@ def _backend_started() -> bool:
 
 
 def _reuse_freed_memory() -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc only: other C libraries read these numbers differently
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # one arena for all threads; no mmap for large blocks; never trim the heap (-1 turns trimming off)
-    return all(mallopt(param, value) == 1 for param, value in
-               ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
+    return mallopt((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
 
 
 def tune_for_cpu(reuse_memory: bool = True) -> list[str]:

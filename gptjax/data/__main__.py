@@ -5,6 +5,7 @@ from pathlib import Path
 
 from gptjax.data.pipeline import prepare
 from gptjax.errors import UserError, cli
+from gptjax.malloc import return_large_blocks
 from gptjax.options import parse_args
 
 INTRO = ("Tokenize a corpus into a folder of token shards (train.bin, val.bin, meta.json) on every core. The\n"
@@ -21,6 +22,7 @@ def main(argv: list[str]) -> None:
     if argv[0] != "prepare":
         raise UserError(f"unknown command {argv[0]!r}; the command is: python -m gptjax.data prepare [options].")
     cfg = parse_args(argv[1:], prog="python -m gptjax.data prepare", intro=INTRO, sections=("data",))
+    return_large_blocks()  # flat memory however long the preparation (train.py's process keeps its own settings)
     folder = Path(cfg.data.dir) if cfg.data.dir else Path(cfg.out_dir) / "data"
     if "," in cfg.data.dir:
         raise UserError("prepare writes one folder: give a single --data.dir.")

@@ -26,6 +26,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from gptjax.malloc import return_large_blocks
+
 # A chunk is a list of pieces: (text, split, ends_document), split 0 for train and 1 for validation.
 # Its result: the token ids of each split (documents followed by end-of-text) and their UTF-8 bytes.
 
@@ -160,6 +162,7 @@ class TokenizerPool:
 def serve() -> None:
     """The worker: read the setup, then tokenize chunk after chunk until the input closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return_large_blocks()
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not enter the result stream
     source = sys.stdin.buffer
