@@ -32,8 +32,18 @@ class ModelConfig:
     pad_vocab_to: int = opt(64, "pad the embedding table to a multiple of this (padded ids are never predicted)")
     dropout: float = opt(0.0, "dropout rate in training")
     bias: bool = opt(True, "biases in linear layers and layer norms")
-    pos_encoding: Literal["learned", "sincos"] = opt("learned", "position encoding: learned table (GPT-2) or fixed sine/cosine")
-    dtype: Literal["float32", "bfloat16"] = opt("float32", "compute dtype; parameters and softmax stay float32")
+    pos_encoding: Literal["learned", "sincos", "rope", "none"] = opt(
+        "learned", "position encoding: learned table (GPT-2), fixed sine/cosine, rotary (RoPE) or none")
+    rope_base: float = opt(10000.0, "rotary encoding's base wavelength (with pos_encoding=rope)")
+    norm: Literal["layernorm", "rmsnorm"] = opt("layernorm", "normalisation: LayerNorm (GPT-2) or RMSNorm")
+    qk_norm: bool = opt(False, "RMS-normalise queries and keys per head before attention")
+    mlp: Literal["gelu", "relu2", "swiglu"] = opt("gelu", "feed-forward layer: GELU (GPT-2), squared ReLU, or SwiGLU "
+                                                          "(gated, 8/3 of the width wide)")
+    n_kv_head: int = opt(0, "key/value heads for grouped-query attention, a divisor of n_head; 0: n_head")
+    tie_embeddings: bool = opt(True, "the output layer is the token embedding (GPT-2); false: a layer of its own")
+    dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto", "compute dtype; parameters and softmax stay float32. auto: bfloat16 where the device multiplies it "
+                "faster (GPUs, TPUs, CPUs with bfloat16 matrix units), float32 elsewhere")
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size", "pad_vocab_to"):
@@ -45,6 +55,29 @@ class ModelConfig:
             f"for example n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}.",
         )
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}.")
+        kv = self.n_kv_head or self.n_head
+        _check(kv >= 1 and self.n_head % kv == 0,
+               f"model.n_kv_head must divide model.n_head ({self.n_head}), or be 0 for n_head; got {self.n_kv_head}.")
+        _check(self.pos_encoding != "rope" or (self.n_embd // self.n_head) % 2 == 0,
+               f"rotary positions need an even head width; n_embd / n_head = {self.n_embd // self.n_head}.")
+        _check(self.rope_base > 1, f"model.rope_base must be above 1, got {self.rope_base}.")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_width(self) -> int:
+        """The feed-forward layer's hidden width: 4 x n_embd, or 8/3 of that for SwiGLU's two halves
+        (the same parameters), rounded up to a multiple of 64."""
+        if self.mlp != "swiglu":
+            return 4 * self.n_embd
+        return -(-8 * self.n_embd // 3 // 64) * 64
+
+    def is_gpt2(self) -> bool:
+        """Whether this is GPT-2's own architecture (what Hugging Face's GPT2LMHeadModel holds)."""
+        return (self.pos_encoding, self.norm, self.qk_norm, self.mlp, self.kv_heads, self.tie_embeddings,
+                self.bias) == ("learned", "layernorm", False, "gelu", self.n_head, True, True)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -57,7 +90,10 @@ class DataConfig:
     corpus: str = opt("", "a file, a folder or a glob of text, JSON Lines (.jsonl) or Parquet files, each perhaps "
                           "compressed (.gz, .bz2, .xz, .zst); empty: the Python standard library's source")
     text_field: str = opt("text", "the field that holds a document's text in JSON Lines and Parquet files")
-    tokenizer: Literal["gpt2", "byte"] = opt("gpt2", "tokenizer: the GPT-2 BPE, or bytes for character-level models")
+    tokenizer: Literal["gpt2", "byte", "bpe"] = opt(
+        "gpt2", "tokenizer: the GPT-2 BPE; bytes, for character-level models; or bpe, a byte-level BPE learned from "
+                "the training corpus when the shards are prepared (--data.bpe_vocab tokens)")
+    bpe_vocab: int = opt(8192, "with --data.tokenizer=bpe: the learned vocabulary's size, the 256 bytes included")
     val_fraction: float = opt(0.02, "share of the corpus's documents held out for validation")
     val_corpus: str = opt("", "a separate validation corpus (same forms as --data.corpus) instead of a held-out share")
     dir: str = opt("", "where the token shards go; empty: <out_dir>/data. Several folders (comma-separated or a "
@@ -67,6 +103,7 @@ class DataConfig:
     def __post_init__(self):
         _check(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}.")
         _check(self.workers >= 0, f"data.workers must be 0 (one per core) or more, got {self.workers}.")
+        _check(512 <= self.bpe_vocab <= 1 << 20, f"data.bpe_vocab must be 512 to 1,048,576, got {self.bpe_vocab}.")
         _check(bool(self.text_field), "data.text_field must name a field, e.g. text.")
 
 
@@ -78,7 +115,10 @@ class TrainConfig:
     lr: float = opt(2e-3, "peak learning rate")
     min_lr: float = opt(1e-4, "learning rate at the end of the cosine decay")
     warmup_steps: int = opt(40, "linear warm-up steps")
-    weight_decay: float = opt(0.1, "AdamW weight decay, applied to matrices only")
+    weight_decay: float = opt(0.1, "weight decay, applied to matrices only")
+    optimizer: Literal["adamw", "muon"] = opt("adamw", "adamw for everything, or muon for the blocks' weight matrices "
+                                                       "and adamw for embeddings, output layer, norms and biases")
+    muon_lr: float = opt(0.02, "peak learning rate of the matrices Muon updates (same schedule as lr)")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 turns clipping off")
@@ -107,6 +147,7 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, f"train.{name} must be at least 1, got {getattr(self, name)}.")
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be 0 or more, got {self.warmup_steps}.")
         _check(self.lr > 0 and self.min_lr >= 0, f"train.lr must be positive and train.min_lr not negative, got {self.lr} and {self.min_lr}.")
+        _check(self.muon_lr > 0, f"train.muon_lr must be positive, got {self.muon_lr}.")
         _check(self.grad_clip >= 0, f"train.grad_clip must be 0 (off) or positive, got {self.grad_clip}.")
         _check(self.loss_chunk >= 0, f"train.loss_chunk must be 0 (all at once) or more, got {self.loss_chunk}.")
         _check(self.sample_tokens >= 0, f"train.sample_tokens must be 0 or more, got {self.sample_tokens}.")
@@ -164,6 +205,8 @@ class SampleConfig:
                                 "\"prompt\" field on each line")
     output: str = opt("", "write the samples to this JSONL file, one line each: prompt, completion and the controls")
     batch_size: int = opt(16, "prompts decoded together")
+    dtype: Literal["checkpoint", "float32", "bfloat16", "auto"] = opt(
+        "checkpoint", "compute dtype for decoding: bfloat16 reads half the bytes per token; checkpoint: the run's")
 
     def __post_init__(self):
         _check(self.num_samples >= 1, f"num_samples must be at least 1, got {self.num_samples}.")

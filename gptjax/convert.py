@@ -276,6 +276,18 @@ def save_hf(config: Config, params, hf_dir) -> Path:
     taken = [n for n in ("config.json", "model.safetensors") if (out / n).exists()]
     if taken:
         raise UserError(f"{out} already holds {' and '.join(taken)}; choose another folder. Nothing was changed.")
+    m = config.model
+    other = [f"--model.{k}={v}" for k, v, gpt2 in (
+        ("pos_encoding", m.pos_encoding, m.pos_encoding in ("learned", "sincos")), ("norm", m.norm, m.norm == "layernorm"),
+        ("qk_norm", m.qk_norm, not m.qk_norm), ("mlp", m.mlp, m.mlp == "gelu"),
+        ("n_kv_head", m.n_kv_head, m.kv_heads == m.n_head), ("tie_embeddings", m.tie_embeddings, m.tie_embeddings))
+        if not gpt2]
+    if config.data.tokenizer == "bpe":
+        other.append("--data.tokenizer=bpe (a tokenizer learned from the corpus, which has no GPT-2 files to write)")
+    if other:
+        raise UserError(f"Hugging Face's GPT2LMHeadModel holds GPT-2's own architecture, and this model was trained "
+                        f"with {', '.join(other)}; it cannot be exported to that layout. gptjax.load and sample.py "
+                        "read it as it is. Nothing was written.")
     tensors = hf_tensors(config.model, params)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")

@@ -1,18 +1,26 @@
-"""A GPT-2 style decoder in Flax NNX.
+"""A GPT-2 style decoder in Flax NNX, with the modern options as switches on the same modules.
 
 Dimension letters used in names and shape comments:
   B batch   T time (query positions)   S key/value positions (cache length)
-  D model width   N heads   H head width   F feed-forward width (4D)   V padded vocabulary
-  X batch and heads together (B·N), the cache's leading dimension
+  D model width   N heads   K key/value heads (N for GPT-2; fewer with grouped-query attention)
+  G query heads per key/value head (N / K)   H head width   F feed-forward width   V padded vocabulary
+  X batch and key/value heads together (B·K), the cache's leading dimension
 
 Parameter names follow GPT-2 (`wte`, `wpe`, `h`, `ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`,
 `mlp.c_fc`, `mlp.c_proj`, `ln_f`), so weight import is a name table. Linear kernels are stored
-(in, out) as in GPT-2's Conv1D. The output layer is the token embedding, transposed.
+(in, out) as in GPT-2's Conv1D. The output layer is the token embedding, transposed, unless
+tie_embeddings is off (then `lm_head`, also (V, D)).
+
+The defaults are GPT-2 exactly. The options (ModelConfig): rotary or no position encoding,
+RMSNorm, QK-norm (`attn.q_norm`, `attn.k_norm`), squared-ReLU or SwiGLU feed-forward layers
+(SwiGLU's `c_fc` holds gate and value side by side), grouped-query attention (`c_attn` then
+makes N query heads and K key and value heads), an untied output layer, no biases.
 
 The KV cache is an explicit pytree, passed in and returned:
   {"index": int32 scalar (positions filled), "valid": bool (B, S) (keys that are real tokens,
    not left padding), "layers": [{"k": (X, S, H), "v": (X, S, H)}, ...]}
-in the compute dtype, with X = B·N: row b·N + n holds head n of sequence b.
+in the compute dtype, with X = B·K: row b·K + k holds key/value head k of sequence b. Keys are
+cached after their rotary encoding.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from flax import nnx
 
 from gptjax.config import ModelConfig
 from gptjax.loss import chunked_cross_entropy, cross_entropy
+from gptjax.precision import resolve
 
 INIT_STD = 0.02
 # what a rematerialised block keeps for the backward pass (jax.checkpoint policies); the rest is recomputed
@@ -34,7 +43,12 @@ REMAT = {"block": jax.checkpoint_policies.nothing_saveable,
 
 
 def _dtype(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[resolve(name)]
+
+
+def compute_dtype(cfg: ModelConfig):
+    """The dtype the model computes in (what --model.dtype, auto resolved, stands for)."""
+    return jnp.dtype(_dtype(cfg.dtype))
 
 
 def _linear(cfg: ModelConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs) -> nnx.Linear:
@@ -44,9 +58,21 @@ def _linear(cfg: ModelConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs)
     )
 
 
-def _layer_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=_dtype(cfg.dtype),
+def _norm(cfg: ModelConfig, features: int, rngs: nnx.Rngs, kind: str | None = None):
+    if (kind or cfg.norm) == "rmsnorm":
+        return nnx.RMSNorm(features, epsilon=1e-6, dtype=_dtype(cfg.dtype), param_dtype=jnp.float32, rngs=rngs)
+    return nnx.LayerNorm(features, epsilon=1e-5, use_bias=cfg.bias, dtype=_dtype(cfg.dtype),
                          param_dtype=jnp.float32, rngs=rngs)
+
+
+def rotary(x_BTNH, positions_BT, base: float):
+    """Rotary position encoding: feature pairs (i, i + H/2) turned by position · base^(-2i/H)."""
+    half = x_BTNH.shape[-1] // 2
+    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (H/2,)
+    angle_BT1h = (positions_BT[..., None].astype(jnp.float32) * freq)[:, :, None, :]
+    cos, sin = jnp.cos(angle_BT1h), jnp.sin(angle_BT1h)
+    x1, x2 = x_BTNH[..., :half].astype(jnp.float32), x_BTNH[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x_BTNH.dtype)
 
 
 def sincos_encoding(positions_BT: jax.Array, d: int) -> jax.Array:
@@ -69,15 +95,16 @@ def attention_implementation(q_BTNH) -> str | None:
     return "cudnn"
 
 
-def causal_attention(q_BTNH, k_BTNH, v_BTNH):
-    """Causal self-attention over full sequences, through jax.nn.dot_product_attention."""
+def causal_attention(q_BTNH, k_BSKH, v_BSKH):
+    """Causal self-attention over full sequences, through jax.nn.dot_product_attention (K may be fewer
+    heads than N: grouped-query attention)."""
     implementation = attention_implementation(q_BTNH)
     if implementation == "cudnn":
         try:
-            return jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True, implementation="cudnn")
+            return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation="cudnn")
         except (RuntimeError, ValueError, NotImplementedError):  # a cuDNN too old for the fused kernel
             pass
-    return jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True)
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True)
 
 
 def _cached_attention(q_XTH, k_XSH, v_XSH, mask_XTS):
@@ -93,60 +120,82 @@ def _cached_attention(q_XTH, k_XSH, v_XSH, mask_XTS):
 
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        D = cfg.n_embd
-        self.n_head = cfg.n_head
-        self.c_attn = _linear(cfg, D, 3 * D, INIT_STD, rngs)
+        D, N, K = cfg.n_embd, cfg.n_head, cfg.kv_heads
+        H = D // N
+        self.n_head, self.n_kv_head = N, K
+        self.rope_base = cfg.rope_base if cfg.pos_encoding == "rope" else None
+        self.c_attn = _linear(cfg, D, (N + 2 * K) * H, INIT_STD, rngs)
         self.c_proj = _linear(cfg, D, D, INIT_STD / math.sqrt(2 * cfg.n_layer), rngs)
+        if cfg.qk_norm:
+            self.q_norm = _norm(cfg, H, rngs, "rmsnorm")
+            self.k_norm = _norm(cfg, H, rngs, "rmsnorm")
+        self.qk_norm = cfg.qk_norm
         self.resid_dropout = nnx.Dropout(cfg.dropout)
 
-    def __call__(self, x_BTD, *, cache=None, index=None, valid_BS=None, deterministic=True, rngs=None):
+    def __call__(self, x_BTD, positions_BT, *, cache=None, index=None, valid_BS=None, deterministic=True,
+                 rngs=None):
         B, T, D = x_BTD.shape
-        N = self.n_head
-        qkv = self.c_attn(x_BTD)
-        q_BTNH, k_BTNH, v_BTNH = (a.reshape(B, T, N, D // N) for a in jnp.split(qkv, 3, axis=-1))
+        N, K = self.n_head, self.n_kv_head
+        H, G = D // N, N // K
+        q, k, v = jnp.split(self.c_attn(x_BTD), [N * H, (N + K) * H], axis=-1)
+        q_BTNH, k_BTKH, v_BTKH = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
+        if self.qk_norm:
+            q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+        if self.rope_base is not None:
+            q_BTNH, k_BTKH = rotary(q_BTNH, positions_BT, self.rope_base), rotary(k_BTKH, positions_BT, self.rope_base)
         if cache is None:
-            y_BTNH = causal_attention(q_BTNH, k_BTNH, v_BTNH)
+            y_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH)
         else:
-            # the cache is kept (X, S, H), X = B·N rows of one head's keys or values: the attention
-            # dots read it as it lies, where other layouts cost the CPU a copy or a transpose per step
-            H = D // N
-            q_XTH, k_XTH, v_XTH = (a.transpose(0, 2, 1, 3).reshape(B * N, T, H) for a in (q_BTNH, k_BTNH, v_BTNH))
+            # the cache is kept (X, S, H), X = B·K rows of one key/value head: the attention dots read
+            # it as it lies, where other layouts cost the CPU a copy or a transpose per step. The G
+            # query heads that share a key/value head are stacked as G·T query rows against it.
+            q_XQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, H)
+            k_XTH, v_XTH = (a.transpose(0, 2, 1, 3).reshape(B * K, T, H) for a in (k_BTKH, v_BTKH))
             k_XSH = jax.lax.dynamic_update_slice(cache["k"], k_XTH.astype(cache["k"].dtype), (0, index, 0))
             v_XSH = jax.lax.dynamic_update_slice(cache["v"], v_XTH.astype(cache["v"].dtype), (0, index, 0))
             cache = {"k": k_XSH, "v": v_XSH}
             S = k_XSH.shape[1]
             # key s is visible to query t when it is a real token and not in t's future
             causal_TS = jnp.arange(S)[None, :] <= (index + jnp.arange(T))[:, None]
-            mask_XTS = jnp.repeat(causal_TS[None, :, :] & valid_BS[:, None, :], N, axis=0)
-            y_XTH = _cached_attention(q_XTH, k_XSH.astype(q_XTH.dtype), v_XSH.astype(q_XTH.dtype), mask_XTS)
-            y_BTNH = y_XTH.reshape(B, N, T, H).transpose(0, 2, 1, 3)
+            mask_XQS = jnp.repeat(jnp.tile(causal_TS, (G, 1))[None, :, :] & valid_BS[:, None, :], K, axis=0)
+            y_XQH = _cached_attention(q_XQH, k_XSH.astype(q_XQH.dtype), v_XSH.astype(q_XQH.dtype), mask_XQS)
+            y_BTNH = y_XQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
         y_BTD = self.c_proj(y_BTNH.reshape(B, T, D))
         return self.resid_dropout(y_BTD, deterministic=deterministic, rngs=rngs), cache
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        D = cfg.n_embd
-        self.c_fc = _linear(cfg, D, 4 * D, INIT_STD, rngs)
-        self.c_proj = _linear(cfg, 4 * D, D, INIT_STD / math.sqrt(2 * cfg.n_layer), rngs)
+        D, F = cfg.n_embd, cfg.ffn_width
+        self.kind = cfg.mlp
+        self.c_fc = _linear(cfg, D, 2 * F if cfg.mlp == "swiglu" else F, INIT_STD, rngs)
+        self.c_proj = _linear(cfg, F, D, INIT_STD / math.sqrt(2 * cfg.n_layer), rngs)
         self.dropout = nnx.Dropout(cfg.dropout)
 
     def __call__(self, x_BTD, *, deterministic=True, rngs=None):
-        h_BTF = jax.nn.gelu(self.c_fc(x_BTD), approximate=True)  # GPT-2's tanh GELU
+        h_BTF = self.c_fc(x_BTD)
+        if self.kind == "gelu":
+            h_BTF = jax.nn.gelu(h_BTF, approximate=True)  # GPT-2's tanh GELU
+        elif self.kind == "relu2":
+            h_BTF = jnp.square(jax.nn.relu(h_BTF))
+        else:
+            gate_BTF, value_BTF = jnp.split(h_BTF, 2, axis=-1)
+            h_BTF = jax.nn.silu(gate_BTF) * value_BTF
         return self.dropout(self.c_proj(h_BTF), deterministic=deterministic, rngs=rngs)
 
 
 class Block(nnx.Module):
-    """Pre-LayerNorm residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-norm residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.ln_1 = _layer_norm(cfg, rngs)
+        self.ln_1 = _norm(cfg, cfg.n_embd, rngs)
         self.attn = CausalSelfAttention(cfg, rngs)
-        self.ln_2 = _layer_norm(cfg, rngs)
+        self.ln_2 = _norm(cfg, cfg.n_embd, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BTD, *, cache=None, index=None, valid_BS=None, deterministic=True, rngs=None):
-        a_BTD, cache = self.attn(self.ln_1(x_BTD), cache=cache, index=index, valid_BS=valid_BS,
+    def __call__(self, x_BTD, positions_BT, *, cache=None, index=None, valid_BS=None, deterministic=True,
+                 rngs=None):
+        a_BTD, cache = self.attn(self.ln_1(x_BTD), positions_BT, cache=cache, index=index, valid_BS=valid_BS,
                                  deterministic=deterministic, rngs=rngs)
         x_BTD = x_BTD + a_BTD
         x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD), deterministic=deterministic, rngs=rngs)
@@ -166,18 +215,25 @@ class GPT(nnx.Module):
                                  param_dtype=jnp.float32, embedding_init=emb_init, rngs=rngs)
         self.drop = nnx.Dropout(cfg.dropout)
         self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
-        self.ln_f = _layer_norm(cfg, rngs)
+        self.ln_f = _norm(cfg, cfg.n_embd, rngs)
+        if not cfg.tie_embeddings:  # zero at the start: every token equally likely, as the loss begins
+            self.lm_head = nnx.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=_dtype(cfg.dtype),
+                                     param_dtype=jnp.float32, embedding_init=nnx.initializers.zeros, rngs=rngs)
+
+    @property
+    def output_layer(self) -> nnx.Embed:
+        return self.wte if self.cfg.tie_embeddings else self.lm_head
 
     def _embed(self, idx_BT, positions_BT, deterministic, rngs):
         x_BTD = self.wte(idx_BT)
         if self.cfg.pos_encoding == "learned":
             x_BTD = x_BTD + self.wpe(positions_BT)
-        else:
+        elif self.cfg.pos_encoding == "sincos":
             x_BTD = x_BTD + sincos_encoding(positions_BT, self.cfg.n_embd).astype(x_BTD.dtype)
         return self.drop(x_BTD, deterministic=deterministic, rngs=rngs)
 
     def _logits(self, x_BTD):
-        logits_BTV = self.wte.attend(self.ln_f(x_BTD)).astype(jnp.float32)
+        logits_BTV = self.output_layer.attend(self.ln_f(x_BTD)).astype(jnp.float32)
         V = self.cfg.vocab_size
         if self.cfg.padded_vocab_size > V:  # padded ids are never predicted
             logits_BTV = jnp.where(jnp.arange(logits_BTV.shape[-1]) < V, logits_BTV, -jnp.inf)
@@ -192,11 +248,11 @@ class GPT(nnx.Module):
         B, T = idx_BT.shape
         positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
         x_BTD = self._embed(idx_BT, positions_BT, deterministic, rngs)
-        run = lambda blk, x, r: blk(x, deterministic=deterministic, rngs=r)[0]  # noqa: E731
+        run = lambda blk, x, p, r: blk(x, p, deterministic=deterministic, rngs=r)[0]  # noqa: E731
         if remat != "none":
             run = nnx.remat(run, policy=REMAT[remat])
         for block in self.h:
-            x_BTD = run(block, x_BTD, rngs)
+            x_BTD = run(block, x_BTD, positions_BT, rngs)
         return x_BTD
 
     def __call__(self, idx_BT, *, deterministic=True, rngs=None):
@@ -210,12 +266,12 @@ class GPT(nnx.Module):
         if chunk <= 0:
             return cross_entropy(self._logits(x_BTD), targets_BT)
         h_BTD = self.ln_f(x_BTD).astype(_dtype(self.cfg.dtype))
-        return chunked_cross_entropy(h_BTD, self.wte.embedding[...], targets_BT, self.cfg.vocab_size, chunk)
+        return chunked_cross_entropy(h_BTD, self.output_layer.embedding[...], targets_BT, self.cfg.vocab_size, chunk)
 
     def init_cache(self, batch_size: int, length: int | None = None, dtype=None):
         cfg = self.cfg
         S = length or cfg.block_size
-        shape = (batch_size * cfg.n_head, S, cfg.n_embd // cfg.n_head)
+        shape = (batch_size * cfg.kv_heads, S, cfg.n_embd // cfg.n_head)
         dtype = dtype or _dtype(cfg.dtype)
         return {
             "index": jnp.zeros((), jnp.int32),
@@ -241,7 +297,7 @@ class GPT(nnx.Module):
         x_BTD = self._embed(idx_BT, positions_BT, True, None)
         layers = []
         for block, layer_cache in zip(self.h, cache["layers"]):
-            x_BTD, layer_cache = block(x_BTD, cache=layer_cache, index=index, valid_BS=valid_BS)
+            x_BTD, layer_cache = block(x_BTD, positions_BT, cache=layer_cache, index=index, valid_BS=valid_BS)
             layers.append(layer_cache)
         new_cache = {"index": index + T, "valid": valid_BS, "layers": layers}
         return self._logits(x_BTD[:, -1:] if last_only else x_BTD), new_cache

@@ -12,12 +12,25 @@ from gptjax.model import GPT, count_params
 
 
 def build(**kw):
+    """A small model; an untied output layer gets random weights (it starts at zero, which would make
+    every logit and gradient comparison trivial)."""
     cfg = ModelConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 100, **kw})
-    return GPT(cfg, nnx.Rngs(0))
+    model = GPT(cfg, nnx.Rngs(0))
+    if not cfg.tie_embeddings:
+        model.lm_head.embedding.value = jax.random.normal(jax.random.key(1), model.lm_head.embedding.shape) * 0.02
+    return model
 
 
 def tokens(B=2, T=16, V=100, seed=0):
     return jax.random.randint(jax.random.key(seed), (B, T), 0, V)
+
+
+# GPT-2, its other position encodings, and the modern options alone and together
+MODERN = dict(pos_encoding="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", n_head=4, n_kv_head=2,
+              tie_embeddings=False, bias=False)
+VARIANTS = {"gpt2": {}, "sincos": dict(pos_encoding="sincos"), "rope": dict(pos_encoding="rope"),
+            "nope": dict(pos_encoding="none"), "relu2-mqa": dict(mlp="relu2", n_head=4, n_kv_head=1),
+            "modern": MODERN}
 
 
 def test_shapes_and_names():
@@ -53,16 +66,17 @@ def test_padded_vocabulary_is_never_predicted():
     assert bool(jnp.all(jnp.isfinite(logits[..., :100])))
 
 
-@pytest.mark.parametrize("pos", ["learned", "sincos"])
-def test_causality_by_gradients(pos):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causality_by_gradients(variant):
     """The output at position t has no gradient from any input embedding after t."""
-    model = build(pos_encoding=pos)
+    model = build(**VARIANTS[variant])
     x = tokens(B=1)
-    embed = model._embed(x, jnp.arange(16)[None], True, None)
+    positions = jnp.arange(16)[None]
+    embed = model._embed(x, positions, True, None)
 
     def out_at(e, t):
         for block in model.h:
-            e, _ = block(e)
+            e, _ = block(e, positions)
         return model._logits(e)[0, t, :100].sum()
 
     for t in (0, 7, 15):
@@ -71,9 +85,9 @@ def test_causality_by_gradients(pos):
         assert float(norms[t + 1:].sum()) == 0.0
 
 
-@pytest.mark.parametrize("pos", ["learned", "sincos"])
-def test_cached_decoding_matches_full_forward(pos):
-    model = build(pos_encoding=pos)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_decoding_matches_full_forward(variant):
+    model = build(**VARIANTS[variant])
     x = tokens(B=2, T=16)
     full = model(x)
     cache = model.init_cache(2)
@@ -85,8 +99,9 @@ def test_cached_decoding_matches_full_forward(pos):
     assert int(cache["index"]) == 16
 
 
-def test_left_padding_with_mask_matches_unpadded():
-    model = build()
+@pytest.mark.parametrize("variant", ["gpt2", "modern"])
+def test_left_padding_with_mask_matches_unpadded(variant):
+    model = build(**VARIANTS[variant])
     x = tokens(B=1, T=10)
     alone = model(x)[0, -1]
     padded = jnp.concatenate([jnp.zeros((1, 6), jnp.int32), x], axis=1)
@@ -120,3 +135,37 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert logits.dtype == jnp.float32
     ref = build()(tokens())
     assert float(jnp.abs(logits[..., :100] - ref[..., :100]).max()) < 0.05
+
+
+def test_modern_options_shapes_and_names():
+    model = GPT(ModelConfig(n_layer=2, n_embd=32, block_size=16, vocab_size=100, **MODERN), nnx.Rngs(0))
+    p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    names = set(flatten(p))
+    D, N, K, H, F = 32, 4, 2, 8, 128  # SwiGLU: 8/3 of 4 x 32, rounded up to 64s
+    assert p["h"][0]["attn"]["c_attn"]["kernel"].shape == (D, (N + 2 * K) * H)
+    assert p["h"][0]["mlp"]["c_fc"]["kernel"].shape == (D, 2 * F) and p["h"][0]["mlp"]["c_proj"]["kernel"].shape == (F, D)
+    for name in ["lm_head/embedding", "h/0/attn/q_norm/scale", "h/0/attn/k_norm/scale", "ln_f/scale"]:
+        assert name in names
+    assert not any(n.endswith("bias") for n in names) and "wpe/embedding" not in names
+    assert float(jnp.abs(p["lm_head"]["embedding"]).max()) == 0.0  # an untied head starts at zero
+    assert model.init_cache(3)["layers"][0]["k"].shape == (3 * K, 16, H)  # the cache holds key/value heads only
+    assert model.cfg.is_gpt2() is False and build().cfg.is_gpt2() is True
+
+
+def test_rotary_encoding_turns_by_relative_position():
+    """With RoPE, a query-key score depends on the distance between the positions only."""
+    from gptjax.model import rotary
+
+    q = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
+    k = jax.random.normal(jax.random.key(1), (1, 1, 1, 8))
+    score = lambda a, b: float((rotary(q, jnp.array([[a]]), 10000.0) * rotary(k, jnp.array([[b]]), 10000.0)).sum())  # noqa
+    assert score(3, 1) == pytest.approx(score(12, 10), abs=1e-5)
+    assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
+
+
+def test_auto_dtype_is_a_concrete_choice():
+    from gptjax.precision import auto_dtype
+
+    dtype, why = auto_dtype()
+    assert dtype in ("float32", "bfloat16") and why
+    assert build(dtype="auto").wte.dtype == jnp.dtype(dtype)
