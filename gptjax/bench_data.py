@@ -190,8 +190,9 @@ def bench_data(args, rest: list[str]) -> None:
           f"{cpu_name()}, {cores} cores", flush=True)
     texts = sample_texts(cfg.data, args.sample_mb * 1e6)
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    enc = get_tokenizer(cfg.data.tokenizer).encoding
-    before = tiktoken_rates(enc, texts, nbytes, cores)  # the machine's speed drifts: measured before and after
+    learned = cfg.data.tokenizer == "bpe"  # known only once the preparation has learned it
+    enc = None if learned else get_tokenizer(cfg.data.tokenizer).encoding
+    before = None if learned else tiktoken_rates(enc, texts, nbytes, cores)  # the speed drifts: before and after
     try:
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", "import sys; from gptjax.bench_data import run_child; "
@@ -200,10 +201,15 @@ def bench_data(args, rest: list[str]) -> None:
         if proc.returncode:
             sys.exit(proc.returncode)
         r = json.loads(proc.stdout.strip().splitlines()[-1])
+        if learned:
+            from gptjax.data.shards import folder_tokenizer, read_meta
+
+            enc = folder_tokenizer(folder, read_meta(folder)).encoding
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
     after = tiktoken_rates(enc, texts, nbytes, cores)
+    before = before or after
     mb_s, workers = r["text_bytes"] / r["seconds"], r["workers"]
     print(f"preparation: {r['documents']:,} documents, {r['text_bytes'] / 1e6:,.1f} MB of text ({r['raw_bytes'] / 1e6:,.1f}"
           f" MB of files, {r['files']:,}) → {r['tokens']:,} tokens in {r['seconds']:.1f} s ({wall:.1f} s with the "

@@ -16,8 +16,10 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "TPU v4": 275e12, 
 
 
 def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
-    """Training FLOPs per token: 6 per weight (forward and backward) plus attention's scores and mixing."""
-    n_matmul = n_params - cfg.block_size * cfg.n_embd * (cfg.pos_encoding == "learned")  # a lookup costs nothing
+    """Training FLOPs per token: 6 per weight (forward and backward) plus attention's scores and mixing.
+    A lookup costs nothing: the position table, and the token embedding when the output layer is another."""
+    lookups = cfg.block_size * (cfg.pos_encoding == "learned") + cfg.padded_vocab_size * (not cfg.tie_embeddings)
+    n_matmul = n_params - lookups * cfg.n_embd
     return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
@@ -79,8 +81,8 @@ class Progress:
             self.drawn = False
         self.log(message)
 
-    def step(self, done: int, loss: float, rate: float, eta: float, lr: float, at_interval: bool) -> None:
-        text = f"loss {loss:.4f} | lr {lr:.2e} | {rate:,.0f} tok/s | left {fmt_time(eta)}"
+    def step(self, done: int, loss: float, bpb: float, rate: float, eta: float, lr: float, at_interval: bool) -> None:
+        text = f"loss {loss:.4f} | {bpb:.3f} bits/byte | lr {lr:.2e} | {rate:,.0f} tok/s | left {fmt_time(eta)}"
         if self.bar:
             width = 24
             filled = int(width * done / max(self.total, 1))

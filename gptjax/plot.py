@@ -1,7 +1,9 @@
 """Loss curves of one or more runs: `python -m gptjax.plot RUN_DIR [RUN_DIR ...] [--out=loss.png]`.
 
-Two panels, train and validation loss against steps and against tokens, the runs overlaid in
-one colour each (train as a line, validation as dots on a dashed line). Needs matplotlib.
+Three panels, train and validation loss against steps, tokens and seconds of training, the runs
+overlaid in one colour each (train as a line, validation as dots on a dashed line). The loss is in
+bits per UTF-8 byte when every run logged it (tokenizer-independent, so runs of different
+tokenizers compare), else in nats per token. Needs matplotlib.
 """
 
 from __future__ import annotations
@@ -29,22 +31,27 @@ def plot(run_dirs: list[Path], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    for i, run_dir in enumerate(run_dirs):
-        train, val = read_metrics(run_dir)
+    runs = [(run_dir, *read_metrics(run_dir)) for run_dir in run_dirs]
+    in_bits = all("bpb" in r for _, train, val in runs for r in train) and \
+        all("val_bpb" in r for _, _, val in runs for r in val)
+    key, val_key, unit = ("bpb", "val_bpb", "bits per byte") if in_bits else ("loss", "val_loss", "nats per token")
+    xs = [("step", "optimizer steps"), ("tokens", "training tokens")]
+    if all("elapsed_s" in r for _, train, val in runs for r in train + val):
+        xs.append(("elapsed_s", "seconds of training"))
+    fig, axes = plt.subplots(1, len(xs), figsize=(6 * len(xs), 4.5), constrained_layout=True)
+    for i, (run_dir, train, val) in enumerate(runs):
         color = f"C{i % 10}"
-        for ax, x in zip(axes, ("step", "tokens")):
-            ax.plot([r[x] for r in train], [r["loss"] for r in train], color=color, lw=1.2, alpha=0.85,
+        for ax, (x, _) in zip(axes, xs):
+            ax.plot([r[x] for r in train], [r[key] for r in train], color=color, lw=1.2, alpha=0.85,
                     label=f"{run_dir.name} train")
-            ax.plot([r[x] for r in val], [r["val_loss"] for r in val], color=color, ls="--", marker="o",
+            ax.plot([r[x] for r in val], [r[val_key] for r in val], color=color, ls="--", marker="o",
                     ms=4, label=f"{run_dir.name} validation")
-    for ax, x in zip(axes, ("steps", "tokens")):
-        ax.set_xlabel(x)
-        ax.set_ylabel("cross-entropy loss (nats per token)")
+    for ax, (_, name) in zip(axes, xs):
+        ax.set_xlabel(name)
+        ax.set_ylabel(f"cross-entropy loss ({unit})")
+        ax.set_title(f"loss against {name}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_title("loss against optimizer steps")
-    axes[1].set_title("loss against training tokens")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import functools
 import math
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from gptjax.options import from_dict
 from gptjax.errors import UserError
 from gptjax.generate import stream_ids
 from gptjax.model import GPT
-from gptjax.tokenizer import get_tokenizer
+from gptjax.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_meta
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -36,9 +37,9 @@ class Pretrained:
 
     STREAM_CHUNK = 8  # tokens per return to Python when streaming: shown promptly, decoded at full speed
 
-    def __init__(self, config: Config, graphdef, params, step: int, path: Path):
+    def __init__(self, config: Config, graphdef, params, step: int, path: Path, tokenizer: Tokenizer | None = None):
         self.config = config
-        self.tokenizer = get_tokenizer(config.data.tokenizer)
+        self.tokenizer = tokenizer or get_tokenizer(config.data.tokenizer)
         self.graphdef = graphdef
         self.params = params
         self.step = step
@@ -89,13 +90,14 @@ class Pretrained:
         if tail:
             yield tail
 
-    def logprobs(self, text: str) -> np.ndarray:
-        """log p(token t | the tokens before it) for every token of `text` but the first (float32).
+    def logprobs(self, text: str, from_start: bool = False) -> np.ndarray:
+        """log p(token t | the tokens before it) for every token of `text` but the first (float32);
+        with `from_start`, for every token, the first given the end-of-text token that starts a document.
 
         A text longer than the context is scored in windows of block_size tokens that advance by
         half of it, so every token past the first window has at least block_size/2 tokens before it.
         """
-        ids = np.asarray(self.tokenizer.encode(text), np.int32)
+        ids = np.asarray(([self.tokenizer.eot_id] if from_start else []) + self.tokenizer.encode(text), np.int32)
         T = self.config.model.block_size
         stride = max(1, T // 2)
         out = np.zeros(max(len(ids) - 1, 0), np.float32)
@@ -113,6 +115,16 @@ class Pretrained:
             start += stride
         return out
 
+    def bits_per_byte(self, text: str) -> float:
+        """The model's cross-entropy on `text` in bits per UTF-8 byte: every token is scored, the first
+        given the end-of-text token that starts a document, and the sum is divided by the text's bytes.
+        Independent of the tokenizer, so models of different tokenizers compare."""
+        nbytes = len(text.encode("utf-8"))
+        if not nbytes:
+            raise UserError("bits_per_byte needs a text of at least one character.")
+        logp = self.logprobs(text, from_start=True)
+        return float(-logp.sum() / (nbytes * math.log(2)))
+
     def perplexity(self, text: str) -> float:
         """exp(the mean negative log-probability of the tokens of `text` after the first)."""
         logp = self.logprobs(text)
@@ -127,21 +139,36 @@ class Pretrained:
                 f"width {m.n_embd}, context {m.block_size}, tokenizer {self.tokenizer.name!r})")
 
 
-def load(path: str | Path, step: int | None = None) -> Pretrained:
+def with_dtype(config: Config, dtype: str | None) -> Config:
+    """The config with another compute dtype (float32, bfloat16 or auto); None keeps the checkpoint's."""
+    if dtype is None:
+        return config
+    if dtype not in ("float32", "bfloat16", "auto"):
+        raise UserError(f"dtype must be float32, bfloat16 or auto; got {dtype!r}.")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=dtype))
+
+
+def load(path: str | Path, step: int | None = None, dtype: str | None = None) -> Pretrained:
     """Restore the parameters of a run directory's latest checkpoint (or of `step`) on the default device.
 
-    'hf:DIR' reads a local Hugging Face GPT-2 folder instead (gptjax.convert).
+    'hf:DIR' reads a local Hugging Face GPT-2 folder instead (gptjax.convert). `dtype` sets the compute
+    dtype: bfloat16 reads half the bytes per decoded token; parameters are kept as stored.
     """
     if str(path).startswith("hf:"):
         from gptjax.convert import load_hf  # imported here: convert imports this module
 
-        return load_hf(path, step)
+        pretrained = load_hf(path, step)
+        if dtype is None:
+            return pretrained
+        config = with_dtype(pretrained.config, dtype)
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(config.model, nnx.Rngs(0))), nnx.Param)
+        return Pretrained(config, graphdef, pretrained.params, pretrained.step, pretrained.path, pretrained.tokenizer)
     run_dir, step = find_checkpoint(path, step)
     ckpt = Checkpointer(run_dir, create=False)
     meta = ckpt.read_meta(step)
-    config = from_dict(Config, meta["config"], where=" in the checkpoint's config")
+    config = with_dtype(from_dict(Config, meta["config"], where=" in the checkpoint's config"), dtype)
     abstract = nnx.eval_shape(lambda: GPT(config.model, nnx.Rngs(0)))
     graphdef, params_like = nnx.split(abstract, nnx.Param)
     params, _ = ckpt.restore(step, nnx.to_pure_dict(params_like))
     ckpt.close()
-    return Pretrained(config, graphdef, params, step, run_dir)
+    return Pretrained(config, graphdef, params, step, run_dir, tokenizer_from_meta(meta))

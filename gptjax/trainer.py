@@ -11,6 +11,7 @@ Run directory:
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 import time
 from pathlib import Path
@@ -31,16 +32,26 @@ from gptjax.metrics import MetricsLog, Progress, Rate, flops_per_token, fmt_time
 from gptjax.model import GPT, count_params
 from gptjax.optim import learning_rate, make_optimizer
 from gptjax.parallel import STRATEGIES, describe, plan_batch, select_devices
+from gptjax import precision
+from gptjax.precision import auto_dtype
 from gptjax.signals import StopRequest
-from gptjax.tokenizer import get_tokenizer
+from gptjax.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_meta
 
 
-def resolve(cfg: Config) -> Config:
-    """Fill in what depends on the tokenizer (the vocabulary size)."""
-    tok = get_tokenizer(cfg.data.tokenizer)
-    vocab = cfg.model.vocab_size or tok.vocab_size
-    if vocab < tok.vocab_size:
-        raise UserError(f"--model.vocab_size={vocab} is smaller than the {tok.name} tokenizer's {tok.vocab_size}; "
+def resolve(cfg: Config, tok: Tokenizer | None = None, given_vocab: int | None = None) -> Config:
+    """Fill in what depends on the tokenizer: the vocabulary size (`given_vocab`, default the config's,
+    if one was set, else the tokenizer's). Without `tok`, a learned bpe is taken at its full
+    --data.bpe_vocab (what a tool that needs only shapes wants); the run sets the size it learned once
+    the data is ready."""
+    given = cfg.model.vocab_size if given_vocab is None else given_vocab
+    if tok is None and cfg.data.tokenizer == "bpe":
+        size, name = cfg.data.bpe_vocab + 1, "bpe"
+    else:
+        tok = tok or get_tokenizer(cfg.data.tokenizer)
+        size, name = tok.vocab_size, tok.name
+    vocab = given or size
+    if vocab < size:
+        raise UserError(f"--model.vocab_size={vocab} is smaller than the {name} tokenizer's {size}; "
                         "use 0 to take the tokenizer's.")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
@@ -52,26 +63,39 @@ def init_model(cfg: Config):
 
 
 def _check_resumable(saved: dict, cfg: Config, run_dir: Path) -> None:
+    """The model (but its compute dtype, which may differ between machines), tokenizer and optimizer
+    (its state's structure) must be those of the checkpoint. A learned tokenizer's size and merges are
+    known only once the data is ready: _check_same_tokenizer then."""
     saved_cfg = from_dict(Config, saved["config"], where=" in the checkpoint's config")
-    if saved_cfg.model != cfg.model or saved_cfg.data.tokenizer != cfg.data.tokenizer:
-        diffs = [f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in {
-            **{f"model.{k}": (v, getattr(cfg.model, k)) for k, v in to_dict(saved_cfg.model).items()},
-            "data.tokenizer": (saved_cfg.data.tokenizer, cfg.data.tokenizer),
-        }.items() if a != b]
-        raise UserError(f"cannot resume {run_dir}: its checkpoint was trained with another model or tokenizer "
-                        f"({'; '.join(diffs)}). Resume with the same settings, or start a new --out_dir.")
+    unknown = ("dtype", "vocab_size") if cfg.data.tokenizer == "bpe" else ("dtype",)
+    diffs = [f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in {
+        **{f"model.{k}": (v, getattr(cfg.model, k)) for k, v in to_dict(saved_cfg.model).items() if k not in unknown},
+        "data.tokenizer": (saved_cfg.data.tokenizer, cfg.data.tokenizer),
+        "train.optimizer": (saved_cfg.train.optimizer, cfg.train.optimizer),
+    }.items() if a != b]
+    if diffs:
+        raise UserError(f"cannot resume {run_dir}: its checkpoint was trained with another model, tokenizer or "
+                        f"optimizer ({'; '.join(diffs)}). Resume with the same settings, or start a new --out_dir.")
+
+
+def _check_same_tokenizer(saved: dict, tok: Tokenizer, run_dir: Path) -> None:
+    if not tokenizer_from_meta(saved).same_as(tok):
+        raise UserError(f"cannot resume {run_dir}: its checkpoint's learned bpe tokenizer is not the one the data "
+                        "was prepared with now (the corpus changed, or --data.bpe_vocab). Resume with the corpus and "
+                        "settings of the run, or start a new --out_dir.")
 
 
 def _adopt_source_model(cfg: Config):
-    """For --train.init_from: the source's model shape (keeping this run's dropout and dtype) and its weights."""
-    from gptjax.convert import load_params  # the Hugging Face reader is needed only here
+    """For --train.init_from: the source's model shape (keeping this run's dropout and dtype), its weights
+    and its tokenizer (a learned one then tokenizes this run's corpus too)."""
+    from gptjax.pretrained import load
 
-    src, params = load_params(cfg.train.init_from)
-    if src.data.tokenizer != cfg.data.tokenizer:
-        raise UserError(f"--train.init_from={cfg.train.init_from} was trained with the {src.data.tokenizer} tokenizer, "
-                        f"but this run uses {cfg.data.tokenizer}; pass --data.tokenizer={src.data.tokenizer}.")
-    model = dataclasses.replace(src.model, dropout=cfg.model.dropout, dtype=cfg.model.dtype)
-    return dataclasses.replace(cfg, model=model), params
+    src = load(cfg.train.init_from)
+    if src.tokenizer.name != cfg.data.tokenizer:
+        raise UserError(f"--train.init_from={cfg.train.init_from} was trained with the {src.tokenizer.name} tokenizer, "
+                        f"but this run uses {cfg.data.tokenizer}; pass --data.tokenizer={src.tokenizer.name}.")
+    model = dataclasses.replace(src.config.model, dropout=cfg.model.dropout, dtype=cfg.model.dtype)
+    return dataclasses.replace(cfg, model=model), src.params, src.tokenizer
 
 
 def train(cfg: Config, log=print, stop_after: int | None = None) -> dict:
@@ -93,6 +117,11 @@ def train(cfg: Config, log=print, stop_after: int | None = None) -> dict:
     return trainer.finish()
 
 
+def bits_per_byte(loss: float, tokens: int, nbytes: int) -> float:
+    """A mean loss in nats per token as bits per UTF-8 byte of the text those tokens cover."""
+    return loss * tokens / (max(nbytes, 1) * math.log(2))
+
+
 def is_out_of_memory(error: Exception) -> bool:
     text = str(error)
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
@@ -106,7 +135,7 @@ def out_of_memory_error(cfg: Config, error: Exception) -> UserError:
     if t.batch_size >= 2:
         options.append(f"--train.batch_size={t.batch_size // 2} --train.grad_accum={t.grad_accum * 2} "
                        "(the same tokens per step, half the activation memory)")
-    if m.dtype == "float32":
+    if precision.resolve(m.dtype) == "float32":
         options.append("--model.dtype=bfloat16 (half the activation memory)")
     if t.parallel == "pmap":
         options.append("--train.parallel=fsdp (parameters and optimizer state sharded over the devices)")
@@ -120,14 +149,14 @@ class Trainer:
         distributed.initialize(cfg.dist)  # first: JAX's multi-process runtime starts before any computation
         if not distributed.is_primary():
             log = lambda *_: None  # noqa: E731  process 0 speaks for the run
+        given_vocab = cfg.model.vocab_size
         cfg = resolve(cfg)
-        init_params = None
+        init_params = source_tok = None
         if cfg.train.init_from:
-            cfg, init_params = _adopt_source_model(cfg)
-        self.cfg, self.log = cfg, log
-        t = self.t = cfg.train
-        run_dir = self.run_dir = Path(cfg.out_dir)
-        self.tok = get_tokenizer(cfg.data.tokenizer)
+            cfg, init_params, source_tok = _adopt_source_model(cfg)
+            given_vocab = cfg.model.vocab_size
+        t = cfg.train
+        run_dir = Path(cfg.out_dir)
         self.ckpt = self.metrics_log = None
 
         # open (and so create) the checkpoint folder only once the inputs have been checked
@@ -139,16 +168,26 @@ class Trainer:
                             "to continue that run, or choose another --out_dir; nothing was changed.")
         if t.resume and latest is None:
             log(f"resume: no checkpoint in {run_dir} yet; starting from scratch")
+        self.elapsed_before = 0.0
         if latest is not None:
-            _check_resumable(ckpt.read_meta(latest), cfg, run_dir)
+            saved = ckpt.read_meta(latest)
+            _check_resumable(saved, cfg, run_dir)
+            self.elapsed_before = float(saved.get("elapsed_s", 0.0))
 
         self.devices = select_devices(t.devices)
         self.accum, self.micro = plan_batch(t.batch_size, t.grad_accum, len(self.devices), jax.process_count())
         if (self.accum, self.micro) != (t.grad_accum, t.batch_size):
             log(f"batch: {t.grad_accum} x {t.batch_size} sequences re-cut as {self.accum} x {self.micro}, which "
                 f"splits evenly over {describe(self.devices)}")
-        self.ds = distributed.process_0_first(lambda: data_lib.load(cfg.data, run_dir / "data", log=log))
+        self.ds = distributed.process_0_first(lambda: data_lib.load(cfg.data, run_dir / "data", log=log,
+                                                                    tokenizer=source_tok))
         data_lib.check_fits(self.ds, cfg.model.block_size)
+        self.tok = self.ds.tokenizer
+        cfg = resolve(cfg, self.tok, given_vocab)  # the size a learned tokenizer has
+        if latest is not None and self.tok.ranks_text:
+            _check_same_tokenizer(saved, self.tok, run_dir)
+            _check_resumable(saved, cfg, run_dir)
+        self.cfg, self.log, self.t, self.run_dir = cfg, log, t, run_dir
         self.ckpt = ckpt or Checkpointer(run_dir, keep=t.keep_checkpoints)
 
         self.graphdef, params = init_model(cfg)
@@ -174,18 +213,22 @@ class Trainer:
         peak = peak_flops(self.devices[0])
         self.flops_per_step = flops_per_token(cfg.model, self.n_params) * self.tokens_per_step
         self.peak = peak * len(self.devices) if peak else None
+        compute, why = (auto_dtype() if cfg.model.dtype == "auto" else (cfg.model.dtype, "as set"))
         log(f"model: {self.n_params / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_head} heads, "
             f"width {cfg.model.n_embd}, context {cfg.model.block_size}, {self.tok.name} vocabulary "
-            f"{cfg.model.vocab_size}")
+            f"{cfg.model.vocab_size}; {compute} compute ({'auto: ' if cfg.model.dtype == 'auto' else ''}{why})")
         log(f"train: {t.max_steps} steps of {self.tokens_per_step:,} tokens on {describe(self.devices)} ({t.parallel})")
 
         self.strategy = STRATEGIES[t.parallel](self.graphdef, tx, cfg.model.dropout, self.devices,
                                                t.on_nonfinite == "skip", loss_chunk=t.loss_chunk, remat=t.remat)
         self.state = self.strategy.put_state({"params": params, "opt_state": opt_state, "step": jnp.int32(self.start)})
-        self.history = {"loss": {}, "val_loss": {}, "skipped": []}
+        self.history = {"loss": {}, "val_loss": {}, "val_bpb": {}, "skipped": []}
         self.progress = Progress(t.max_steps, log)
         self.last_val = None
-        self.window_losses = []
+        self.window_losses, self.window_tokens, self.window_bytes = [], 0, 0
+        # the validation batches are the same at every evaluation: the bytes their targets cover, once
+        self.val_bytes = sum(self.tok.count_bytes(data_lib.val_batch(self.ds, cfg.model.block_size, t.seed, i,
+                                                                     self.micro)[1]) for i in range(t.eval_batches))
         self.done = self.start
         self.interrupted = ""
 
@@ -195,14 +238,22 @@ class Trainer:
                                                                           self.micro, self.strategy.rows(self.micro)))
                   for i in range(t.eval_batches)]
         val = float(np.mean([float(x) for x in losses]))
+        bpb = bits_per_byte(val, t.eval_batches * self.micro * cfg.model.block_size, self.val_bytes)
         self.history["val_loss"][self.done] = self.last_val = val
-        self.metrics_log.write({"step": self.done, "tokens": self.done * self.tokens_per_step, "val_loss": val})
-        self.progress.line(f"step {self.done:>6} | val loss {val:.4f}")
+        self.history["val_bpb"][self.done] = bpb
+        self.metrics_log.write({"step": self.done, "tokens": self.done * self.tokens_per_step, "val_loss": val,
+                                "val_bpb": bpb, "elapsed_s": self.elapsed()})
+        self.progress.line(f"step {self.done:>6} | val loss {val:.4f} | val {bpb:.4f} bits/byte")
         return val
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, over every start of the run (a resumed run goes on counting)."""
+        return self.elapsed_before + (time.time() - self.t_start if hasattr(self, "t_start") else 0.0)
 
     def save(self, val_loss: float | None) -> None:
         host = self.strategy.get_state(self.state)
-        meta = {"step": self.done, "config": to_dict(self.cfg), "tokenizer": self.tok.name, "val_loss": val_loss,
+        meta = {"step": self.done, "config": to_dict(self.cfg), **self.tok.meta(), "val_loss": val_loss,
+                "elapsed_s": self.elapsed(),
                 "data": {k: self.ds.meta.get(k) for k in ("source", "fingerprint")}}
         self.ckpt.save(self.done, host["params"], host["opt_state"], meta)
 
@@ -226,16 +277,19 @@ class Trainer:
         self.history["loss"][done] = loss
         at_interval = done % t.log_interval == 0 or done == t.max_steps
         self.window_losses.append(loss)
+        bpb = bits_per_byte(float(np.mean(self.window_losses)), self.window_tokens, self.window_bytes)
         if at_interval:  # report the mean since the last report: one step's loss is noisy
             loss, self.window_losses = float(np.mean(self.window_losses)), []
+            self.window_tokens = self.window_bytes = 0
         tokens_per_s = rate.read(reset=at_interval)
         eta = (t.max_steps - done) * self.tokens_per_step / max(tokens_per_s, 1e-9)
         lr = float(self.lr_at(done - 1))
-        self.progress.step(done, loss, tokens_per_s, eta, lr, at_interval)
+        self.progress.step(done, loss, bpb, tokens_per_s, eta, lr, at_interval)
         if at_interval:
             mfu = tokens_per_s / self.tokens_per_step * self.flops_per_step / self.peak if self.peak else None
-            self.metrics_log.write({"step": done, "tokens": done * self.tokens_per_step, "loss": loss, "lr": lr,
-                                    "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu})
+            self.metrics_log.write({"step": done, "tokens": done * self.tokens_per_step, "loss": loss, "bpb": bpb,
+                                    "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                                    "elapsed_s": self.elapsed()})
 
     def run(self, stop: StopRequest, stop_after: int | None) -> None:
         cfg, t = self.cfg, self.t
@@ -249,6 +303,7 @@ class Trainer:
             x, y = data_lib.train_batch(self.ds, cfg.model.block_size, t.seed, step, self.accum, self.micro,
                                         self.strategy.rows(self.micro))  # this process's rows only
             self.state, metrics = self.strategy.train_step(self.state, x, y, dropout_key)
+            self.window_tokens, self.window_bytes = self.window_tokens + y.size, self.window_bytes + self.tok.count_bytes(y)
             rate.tick()
             # the previous step's metrics are read only now, so the host never waits on the step in flight
             if pending is not None:

@@ -24,12 +24,13 @@ __all__ = ["Dataset", "TokenStream", "batch_offsets", "check_fits", "corpus_file
            "stdlib_files", "train_batch", "val_batch"]
 
 
-def load(cfg: DataConfig, default_dir: Path, log=print) -> Dataset:
+def load(cfg: DataConfig, default_dir: Path, log=print, tokenizer=None) -> Dataset:
     """The run's data. Without --data.dir: the corpus, prepared (or reused) in `default_dir`. With one
     folder: the corpus prepared there, or with no --data.corpus the folder's shards as they are. With
-    several folders (commas or a glob): their shards, as they are, read as one."""
+    several folders (commas or a glob): their shards, as they are, read as one. `tokenizer`: a learned
+    bpe to prepare with (a fine-tune's source's) instead of learning one."""
     if not cfg.dir:
-        return prepare(cfg, default_dir, log)
+        return prepare(cfg, default_dir, log, tokenizer=tokenizer)
     folders = shard_folders(cfg.dir)
     if not folders:
         raise UserError(f"--data.dir={cfg.dir!r} names no folder.")
@@ -48,4 +49,4 @@ def load(cfg: DataConfig, default_dir: Path, log=print) -> Dataset:
         log(f"data: {ds.train.size:,} train / {ds.val.size:,} val tokens in {folder} (prepared from "
             f"{ds.meta.get('source', 'elsewhere')})")
         return ds
-    return prepare(cfg, folder, log, shared=True)
+    return prepare(cfg, folder, log, shared=True, tokenizer=tokenizer)

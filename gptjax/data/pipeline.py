@@ -37,20 +37,24 @@ from pathlib import Path
 import numpy as np
 
 from gptjax.config import DataConfig
-from gptjax.data.shards import FORMAT_VERSION, SPLITS, Dataset, open_folder, read_meta
+from gptjax.data.shards import FORMAT_VERSION, SPLITS, TOKENIZER_FILE, Dataset, open_folder, read_meta
 from gptjax.data.sources import MAX_PIECE_CHARS, PIECE_CHARS, Problems, Reader, corpus_files
 from gptjax.data.workers import TokenizerPool, WorkerError
 from gptjax.errors import UserError
 from gptjax.metrics import fmt_time
-from gptjax.tokenizer import get_tokenizer
+from gptjax.tokenizer import Tokenizer, bpe_tokenizer, get_tokenizer, learn_bpe, ranks_to_text
 
 CHUNK_CHARS = 1 << 20  # characters of text per chunk of work
 COMMIT_SECONDS = 2.0
 JOURNAL = "progress.json"
+BPE_SAMPLE_CHARS = 64 << 20  # at most this much of the training documents teaches a bpe tokenizer
 
 
-def _fingerprint(cfg: DataConfig, files: list[Path], val_files: list[Path]) -> str:
-    h = hashlib.sha256(f"v{FORMAT_VERSION}|{cfg.tokenizer}|{cfg.val_fraction}|{cfg.text_field}".encode())
+def _fingerprint(cfg: DataConfig, files: list[Path], val_files: list[Path], given: Tokenizer | None = None) -> str:
+    tokenizer = f"bpe{cfg.bpe_vocab}" if cfg.tokenizer == "bpe" else cfg.tokenizer
+    if given is not None and given.ranks_text:
+        tokenizer = "given:" + hashlib.sha256(given.ranks_text.encode()).hexdigest()
+    h = hashlib.sha256(f"v{FORMAT_VERSION}|{tokenizer}|{cfg.val_fraction}|{cfg.text_field}".encode())
     for group in (files, val_files):
         h.update(b"|group")
         for f in group:
@@ -69,13 +73,39 @@ def _to_val(index: int, fraction: float) -> bool:
     return int((index + 1) * fraction) > int(index * fraction)
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    _write_text(path, json.dumps(obj, indent=2))
+
+
+class _TrainingTexts:
+    """An iterable of the training documents' pieces for learning a tokenizer: every k-th training
+    document, k chosen so that about `limit` characters are taken from a larger corpus; `chars`
+    counts what was taken."""
+
+    def __init__(self, files, cfg: DataConfig, all_train: bool, limit: int):
+        self.files, self.cfg, self.all_train, self.limit, self.chars = files, cfg, all_train, limit, 0
+        self.every = max(1, -(-sum(f.stat().st_size for f in files) // limit))
+
+    def __iter__(self):
+        docs, take = -1, False
+        for piece in Reader(self.files, self.cfg.text_field, Problems(), skip_binary=len(self.files) > 1):
+            if piece.where[2] == 0:
+                docs += 1
+                take = (self.all_train or not _to_val(docs, self.cfg.val_fraction)) and docs % self.every == 0
+            if take:
+                self.chars += len(piece.text)
+                yield piece.text
+            if self.chars >= self.limit:
+                return
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -205,17 +235,44 @@ class _Preparation:
     """One preparation of `files` (then `val_files`) into `folder`, resumed from its journal if any."""
 
     def __init__(self, cfg: DataConfig, folder: Path, files, val_files, fingerprint: str, log,
-                 piece_chars: int, max_piece_chars: int, chunk_chars: int):
-        self.cfg, self.folder, self.log = cfg, folder, log
+                 piece_chars: int, max_piece_chars: int, chunk_chars: int, given: Tokenizer | None = None):
+        self.cfg, self.folder, self.log, self.given = cfg, folder, log, given
         self.files, self.val_files = files, val_files
-        self.tok = get_tokenizer(cfg.tokenizer)
-        self.dtype = np.dtype(np.uint16 if self.tok.vocab_size <= 2**16 else np.uint32).newbyteorder("<")
         self.layout = {"fingerprint": fingerprint, "piece_chars": piece_chars, "max_piece_chars": max_piece_chars}
         self.chunk_chars = chunk_chars
         self.partial = {s: folder / f"{s}.bin.partial" for s in SPLITS}
+        self.tokenizer_partial = folder / (TOKENIZER_FILE + ".partial")
         self.journal_path = folder / JOURNAL
+        # the dtype is known before the tokenizer is learned: from the largest vocabulary it may have
+        vocab = (given.vocab_size if given is not None else cfg.bpe_vocab + 1 if cfg.tokenizer == "bpe"
+                 else get_tokenizer(cfg.tokenizer).vocab_size)
+        self.dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32).newbyteorder("<")
         self.state = self._resume_state()
+        self.tok = self._tokenizer()
         self.worker_peak = 0
+
+    def _tokenizer(self) -> Tokenizer:
+        """The named tokenizer, or a bpe learned from the training documents (kept beside the partial
+        shards, so that a resumed preparation goes on with the same one)."""
+        cfg = self.cfg
+        if cfg.tokenizer != "bpe":
+            return get_tokenizer(cfg.tokenizer)
+        if self.given is not None:  # a fine-tune goes on with its source's tokenizer
+            _write_text(self.tokenizer_partial, self.given.ranks_text)
+            return self.given
+        # a partial file that outlived _resume_state belongs to the journal it resumes (a complete one may
+        # already have been renamed)
+        for path in (self.tokenizer_partial, *([self.folder / TOKENIZER_FILE] if self.state["complete"] else [])):
+            if path.is_file():
+                return bpe_tokenizer(path.read_text())
+        started = time.time()
+        texts = _TrainingTexts(self.files, cfg, bool(self.val_files), BPE_SAMPLE_CHARS)
+        ranks_text = ranks_to_text(learn_bpe(texts, cfg.bpe_vocab))
+        _write_text(self.tokenizer_partial, ranks_text)
+        tok = bpe_tokenizer(ranks_text)
+        self.log(f"data: learned a bpe tokenizer of {tok.vocab_size:,} tokens from {texts.chars / 1e6:,.1f} MB of the "
+                 f"training documents in {time.time() - started:.1f} s")
+        return tok
 
     def _resume_state(self) -> dict:
         fresh = {"next": [0, 0, 0], "documents": 0, "val_documents": 0, "problems": {}, "train_tokens": 0,
@@ -234,7 +291,7 @@ class _Preparation:
                 done = saved["train_tokens"] + saved["val_tokens"]
                 self.log(f"data: resuming the preparation of {self.folder} ({done:,} tokens were written)")
             return saved
-        for path in self.partial.values():
+        for path in (*self.partial.values(), self.tokenizer_partial):
             path.unlink(missing_ok=True)
         return fresh
 
@@ -359,7 +416,7 @@ class _Preparation:
                             f"hold no usable documents.{detail} Nothing was changed in {self.folder}.")
 
     def _discard(self) -> None:
-        for path in (*self.partial.values(), self.journal_path):
+        for path in (*self.partial.values(), self.tokenizer_partial, self.journal_path):
             path.unlink(missing_ok=True)
 
     def _finish(self) -> dict:
@@ -374,11 +431,14 @@ class _Preparation:
             "val_fraction": cfg.val_fraction,
             **{k: state[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes")},
             "problems": state["problems"], "fingerprint": self.layout["fingerprint"],
+            **({"tokenizer_file": TOKENIZER_FILE} if tok.ranks_text else {}),
         }
         (self.folder / "meta.json").unlink(missing_ok=True)
         for split, path in self.partial.items():
             if path.exists():
                 os.replace(path, self.folder / f"{split}.bin")
+        if self.tokenizer_partial.exists():
+            os.replace(self.tokenizer_partial, self.folder / TOKENIZER_FILE)
         _write_json(self.folder / "meta.json", meta)
         self.journal_path.unlink(missing_ok=True)
         _fsync_dir(self.folder)
@@ -386,17 +446,19 @@ class _Preparation:
 
 
 def prepare(cfg: DataConfig, data_dir: str | Path, log=print, shared: bool = False, *, stats: dict | None = None,
-            piece_chars=PIECE_CHARS, max_piece_chars=MAX_PIECE_CHARS, chunk_chars=CHUNK_CHARS) -> Dataset:
+            tokenizer: Tokenizer | None = None, piece_chars=PIECE_CHARS, max_piece_chars=MAX_PIECE_CHARS,
+            chunk_chars=CHUNK_CHARS) -> Dataset:
     """Tokenize the corpus into `data_dir` once; reuse the shards while corpus and settings stay the same.
 
     A `shared` folder (named by --data.dir, perhaps used by other runs) holding shards of another
-    tokenizer or another corpus is refused rather than overwritten. `stats`, if given, receives how
-    the work went: workers, seconds, text bytes and the largest worker's peak memory.
+    tokenizer or another corpus is refused rather than overwritten. `tokenizer`, a learned bpe, is used
+    instead of learning one. `stats`, if given, receives how the work went: workers, seconds, text
+    bytes and the largest worker's peak memory.
     """
     folder = Path(data_dir)
     files = corpus_files(cfg.corpus)
     val_files = corpus_files(cfg.val_corpus, option="val_corpus") if cfg.val_corpus else []
-    fingerprint = _fingerprint(cfg, files, val_files)
+    fingerprint = _fingerprint(cfg, files, val_files, tokenizer)
 
     def reuse() -> Dataset | None:
         meta = read_meta(folder)
@@ -425,7 +487,7 @@ def prepare(cfg: DataConfig, data_dir: str | Path, log=print, shared: bool = Fal
         if ds is not None:
             return ds
         job = _Preparation(cfg, folder, files, val_files, fingerprint, log, piece_chars, max_piece_chars,
-                           chunk_chars)
+                           chunk_chars, tokenizer)
         workers = choose_workers(cfg, files + val_files, chunk_chars)
         meta = job.run(workers)
     _report(meta, folder, job, workers, log)

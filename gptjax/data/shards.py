@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from gptjax.errors import UserError
+from gptjax.tokenizer import Tokenizer, bpe_tokenizer, get_tokenizer
 
 FORMAT_VERSION = 2
 META_FIELDS = ("format", "tokenizer", "dtype", "eot_id", "train_tokens", "val_tokens")
 SPLITS = ("train", "val")
+TOKENIZER_FILE = "tokenizer.tiktoken"  # a learned bpe's merge ranks, beside the shards it made
 
 
 class TokenStream:
@@ -64,6 +66,7 @@ class Dataset:
     train: TokenStream
     val: TokenStream
     meta: dict = field(default_factory=dict)
+    tokenizer: Tokenizer | None = None
 
     def __post_init__(self):
         if not isinstance(self.train, TokenStream):
@@ -103,15 +106,26 @@ def check_meta(folder: Path, meta: dict) -> None:
                             "is damaged or was changed after it was prepared. Prepare it again.")
 
 
+def folder_tokenizer(folder: Path, meta: dict) -> Tokenizer:
+    """The tokenizer that made a folder's shards: by name, or a learned bpe from the file beside them."""
+    if meta["tokenizer"] != "bpe":
+        return get_tokenizer(meta["tokenizer"])
+    path = folder / meta.get("tokenizer_file", TOKENIZER_FILE)
+    if not path.is_file():
+        raise UserError(f"{folder} holds shards of a learned bpe tokenizer, but its {path.name} is missing; "
+                        "prepare the folder again.")
+    return bpe_tokenizer(path.read_text())
+
+
 def open_folder(folder: Path, meta: dict) -> Dataset:
     check_meta(folder, meta)
-    dtype = np.dtype(meta["dtype"])
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
 
     def part(split):
         n = int(meta[f"{split}_tokens"])
         return np.memmap(folder / f"{split}.bin", dtype=dtype, mode="r") if n else np.zeros(0, dtype)
 
-    return Dataset(TokenStream([part("train")]), TokenStream([part("val")]), meta)
+    return Dataset(TokenStream([part("train")]), TokenStream([part("val")]), meta, folder_tokenizer(folder, meta))
 
 
 def shard_folders(spec: str) -> list[Path]:
@@ -145,6 +159,10 @@ def open_folders(folders: list[Path], tokenizer: str) -> Dataset:
         sets.append(open_folder(folder, meta))
     if len(sets) == 1:
         return sets[0]
+    if any(not s.tokenizer.same_as(sets[0].tokenizer) for s in sets):
+        raise UserError("the folders hold shards of different learned bpe tokenizers (each was learned from its own "
+                        "part of the corpus), so their token ids do not mean the same. Use --data.tokenizer=gpt2 or "
+                        "byte for folders prepared apart.")
     dtypes = {s.meta["dtype"] for s in sets}
     if len(dtypes) > 1:
         raise UserError(f"the folders hold tokens of different dtypes ({', '.join(sorted(dtypes))}); prepare them "
@@ -161,7 +179,7 @@ def open_folders(folders: list[Path], tokenizer: str) -> Dataset:
             meta[key] = sum(int(m[key]) for m in metas)
     train = TokenStream([p for s in sets for p in s.train.parts if len(p)])
     val = TokenStream([p for s in sets for p in s.val.parts if len(p)])
-    return Dataset(train, val, meta)
+    return Dataset(train, val, meta, sets[0].tokenizer)
 
 
 def check_fits(ds: Dataset, block_size: int) -> None:
