@@ -77,7 +77,7 @@ def main(argv: list[str]) -> None:
     prompts = read_prompts(cfg)
     if cfg.output and not Path(cfg.output).parent.is_dir():
         raise UserError(f"--output {cfg.output}: the folder {Path(cfg.output).parent} does not exist.")
-    model = load(cfg.checkpoint, None if cfg.step < 0 else cfg.step)
+    model = load(cfg.checkpoint, None if cfg.step < 0 else cfg.step, None if cfg.dtype == "checkpoint" else cfg.dtype)
     warn_long(model, prompts)
     controls = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                     top_p=cfg.top_p, seed=cfg.seed)

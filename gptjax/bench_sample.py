@@ -114,29 +114,33 @@ class TorchRunner:
 
 def bench_sample(args) -> None:
     shape = MODELS[args.model]
-    model_cfg = ModelConfig(**shape, dtype=args.dtype)
-    run_gptjax, params = _gptjax_runner(model_cfg, args.prompt_tokens)
-    runners = {"gptjax": run_gptjax}
+    dtypes = list(dict.fromkeys(args.dtype))
+    runners, bytes_per_token = {}, {}
+    for dtype in dtypes:
+        name = "gptjax" if len(dtypes) == 1 else f"gptjax {dtype}"
+        runners[name], params = _gptjax_runner(ModelConfig(**shape, dtype=dtype), args.prompt_tokens)
+        n_params = count_params(params)
+        bytes_per_token[name] = n_params * jnp.dtype(dtype).itemsize  # decoding reads every weight once a token
     if args.compare == "torch":
         runners["torch"] = TorchRunner(shape, args.prompt_tokens)
-    n_params = count_params(params)
-    param_bytes = n_params * jnp.dtype(args.dtype).itemsize
+    ours = [n for n in runners if n.startswith("gptjax")]
     device = jax.devices()[0]
-    print(f"gptjax sample: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, width {model_cfg.n_embd}, "
-          f"context {model_cfg.block_size}, vocabulary {model_cfg.vocab_size}; {n_params / 1e6:.1f}M parameters, "
-          f"{param_bytes / 1e6:.0f} MB in {args.dtype}; random weights, greedy, {args.prompt_tokens}-token prompts, "
-          f"{args.new_tokens} new tokens, median of {args.runs} runs; {device.platform} ({device.device_kind}), "
-          f"{os.cpu_count()} CPU cores", flush=True)
+    print(f"gptjax sample: {shape['n_layer']} layers, {shape['n_head']} heads, width {shape['n_embd']}, "
+          f"context {shape['block_size']}, vocabulary {shape['vocab_size']}; {n_params / 1e6:.1f}M parameters, "
+          f"compute {' and '.join(dtypes)} (transformers: float32); random weights, greedy, {args.prompt_tokens}-token "
+          f"prompts, {args.new_tokens} new tokens, median of {args.runs} runs; {device.platform} "
+          f"({device.device_kind}), {os.cpu_count()} CPU cores", flush=True)
 
     rows: dict[str, dict[str, float]] = {name: {} for name in runners}
     for batch in args.batch:
-        rows["gptjax"][f"batch {batch}: compile s"] = compile_seconds(lambda: run_gptjax(batch, args.new_tokens))
-        run_gptjax(batch, 1)
+        for name in ours:
+            rows[name][f"batch {batch}: compile s"] = compile_seconds(lambda: runners[name](batch, args.new_tokens))
+            runners[name](batch, 1)
         for run in runners.values():  # warm up
             run(batch, args.new_tokens)
         first = {name: [] for name in runners}
         total = {name: [] for name in runners}
-        for _ in range(args.runs):  # alternate, so that both see the same load
+        for _ in range(args.runs):  # alternate, so that all see the same load
             for name, run in runners.items():
                 first[name].append(run(batch, 1))
                 total[name].append(run(batch, args.new_tokens))
@@ -149,18 +153,24 @@ def bench_sample(args) -> None:
         runners["torch"].close()
 
     bandwidth = read_bandwidth()
-    bound = bandwidth / param_bytes
-    decode = rows["gptjax"].get("batch 1: decode tokens/s")
-    share = f"; gptjax decodes at {decode / bound:.0%} of that" if decode else ""
-    print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s: at most {bound:.0f} tokens/s at batch 1, reading "
-          f"{param_bytes / 1e6:.0f} MB of weights per token{share}")
+    print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    for name in ours:
+        bound = bandwidth / bytes_per_token[name]
+        decode = rows[name].get("batch 1: decode tokens/s")
+        share = f"; {name} decodes at {decode / bound:.0%} of that" if decode else ""
+        print(f"{name}: at most {bound:.0f} tokens/s at batch 1, reading {bytes_per_token[name] / 1e6:.0f} MB of "
+              f"weights per token{share}")
     names = list(runners)
-    print(f"{'':32}" + "".join(f"{n:>10}" for n in names) + ("     ratio" if len(names) > 1 else ""))
-    for key in sorted(rows["gptjax"], key=lambda k: (int(k.split()[1].rstrip(":")), k)):
+    compare = "torch" in runners
+    print(f"{'':32}" + "".join(f"{n:>18}" for n in names)
+          + ("".join(f"{n.replace('gptjax', 'ratio'):>18}" for n in ours) if compare else ""))
+    for key in sorted(rows[ours[0]], key=lambda k: (int(k.split()[1].rstrip(":")), k)):
         cells = [rows[n].get(key) for n in names]
-        line = f"{key:32}" + "".join(f"{c:10.1f}" if c is not None else f"{'-':>10}" for c in cells)
-        if len(names) > 1 and None not in cells:
-            line += f"{cells[0] / cells[1] if 'tokens/s' in key else cells[1] / cells[0]:9.2f}x"
+        line = f"{key:32}" + "".join(f"{c:18.1f}" if c is not None else f"{'-':>18}" for c in cells)
+        if compare and rows["torch"].get(key) is not None:
+            theirs = rows["torch"][key]
+            line += "".join(f"{rows[n][key] / theirs if 'tokens/s' in key else theirs / rows[n][key]:17.2f}x"
+                            for n in ours)
         print(line)
-    if len(names) > 1:
-        print("ratio: how many times faster gptjax is")
+    if compare:
+        print("ratio: how many times faster gptjax is than transformers' float32 generate")

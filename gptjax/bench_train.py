@@ -31,27 +31,15 @@ from gptjax.timing import compile_seconds
 from gptjax.config import Config
 from gptjax.options import parse_args
 from gptjax.metrics import flops_per_token, peak_flops
-from gptjax.model import attention_implementation, count_params
+from gptjax.model import attention_implementation, compute_dtype, count_params
 from gptjax.optim import make_optimizer
 from gptjax.parallel import STRATEGIES, select_devices
+from gptjax.precision import auto_dtype, matmul_rate
 from gptjax.trainer import init_model, is_out_of_memory
 
 REFERENCE = ["--model.n_layer=6", "--model.n_head=6", "--model.n_embd=384", "--model.block_size=256",
              "--model.vocab_size=50304", "--train.batch_size=8"]
 PEAK_SIZE = 3072  # the CPU peak's matrix product: 58 GFLOP, large enough for every core to stream
-
-
-def matmul_rate(n: int = PEAK_SIZE) -> float:
-    """FLOP/s of one float32 (n, n) @ (n, n) on the default device, the best of three."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    dot(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        dot(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 class GptjaxRunner:
@@ -92,8 +80,9 @@ class GptjaxRunner:
         return float(self.strategy.first(self.last)["loss"])
 
 
-def _torch_worker(conn, cfg: Config) -> None:
-    """In its own process: GPT2LMHeadModel + AdamW; for each step count received, send back the seconds."""
+def _torch_worker(conn, cfg: Config, bf16: bool) -> None:
+    """In its own process: GPT2LMHeadModel + AdamW (in bfloat16 autocast for a bfloat16 comparison, as
+    PyTorch users train in 16 bits); for each step count received, send back the seconds."""
     import torch
     import torch.nn.functional as F
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -109,7 +98,8 @@ def _torch_worker(conn, cfg: Config) -> None:
         t0 = time.perf_counter()
         for _ in range(steps):
             tokens = torch.from_numpy(rng.integers(0, m.vocab_size, (t.batch_size * t.grad_accum, m.block_size + 1)))
-            logits = model(tokens[:, :-1]).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(tokens[:, :-1]).logits
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
             loss.backward()
             if t.grad_clip > 0:
@@ -125,7 +115,8 @@ class TorchRunner:
 
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_torch_worker, args=(child, cfg), daemon=True)
+        bf16 = compute_dtype(cfg.model) == jnp.bfloat16
+        self.process = ctx.Process(target=_torch_worker, args=(child, cfg, bf16), daemon=True)
         self.process.start()
 
     def __call__(self, steps: int) -> float:
@@ -165,9 +156,12 @@ def bench_train(args, rest: list[str]) -> None:
     flops_step = flops_per_token(m, ours.n_params) * tokens
     on_cpu = device.platform == "cpu"
     table_peak = peak_flops(device)
-    head = jax.ShapeDtypeStruct((1, 1, m.n_head, m.n_embd // m.n_head), jnp.dtype(m.dtype))
+    compute = compute_dtype(m)
+    head = jax.ShapeDtypeStruct((1, 1, m.n_head, m.n_embd // m.n_head), compute)
     print(f"gptjax train: {m.n_layer} layers, {m.n_head} heads, width {m.n_embd}, context {m.block_size}, vocabulary "
-          f"{m.vocab_size} (padded {m.padded_vocab_size}); {ours.n_params / 1e6:.1f}M parameters, {m.dtype} compute; "
+          f"{m.vocab_size} (padded {m.padded_vocab_size}); {ours.n_params / 1e6:.1f}M parameters, {compute.name} "
+          f"compute{' (auto: ' + auto_dtype()[1] + ')' if m.dtype == 'auto' else ''}"
+          f"{' (transformers: bfloat16 autocast)' if args.compare and compute == jnp.bfloat16 else ''}; "
           f"batch {t.grad_accum} x {t.batch_size} = {tokens:,} tokens/step, {flops_step / 1e9:.0f} GFLOP/step; "
           f"{n_dev} x {device.platform} ({device.device_kind}), {t.parallel}, {os.cpu_count()} CPU cores; "
           f"attention {attention_implementation(head) or 'xla'}; loss chunk {t.loss_chunk or 'off'}; remat {t.remat}"
@@ -184,7 +178,7 @@ def bench_train(args, rest: list[str]) -> None:
     peaks = []
     for _ in range(args.rounds):  # alternate, so that every runner sees the same load
         if on_cpu and args.peak_tflops is None:
-            peaks.append(matmul_rate())
+            peaks.append(matmul_rate(compute, PEAK_SIZE, repeats=3))
         for name, run in runners.items():
             seconds[name].append(run(args.steps) / args.steps)
     if "torch" in runners:
@@ -192,7 +186,7 @@ def bench_train(args, rest: list[str]) -> None:
     if args.peak_tflops is not None:
         peak, source = args.peak_tflops * 1e12, "--peak-tflops"
     elif on_cpu:
-        peak, source = statistics.median(peaks), f"measured: float32 {PEAK_SIZE}x{PEAK_SIZE} matmul, median of rounds"
+        peak, source = statistics.median(peaks), f"measured: {compute.name} {PEAK_SIZE}x{PEAK_SIZE} matmul, median of rounds"
     else:
         peak, source = table_peak, "data sheet, dense bf16"
     mem, mem_name = peak_memory(device)

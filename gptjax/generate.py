@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax.errors import UserError
+from gptjax.model import compute_dtype
 
 SMALLEST_BUCKET = 16
 
@@ -145,7 +146,7 @@ def _prefill(params, prompt_BP, mask_BP, key, temperature, top_p, *, graphdef, n
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("state",))
 def _decode(params, state: DecodeState, stop, key, temperature, top_p, *, graphdef, sampling):
     """Decode until `stop` tokens are written or every row has ended."""
-    dtype = jnp.dtype(nnx.merge(graphdef, params).cfg.dtype)
+    dtype = compute_dtype(nnx.merge(graphdef, params).cfg)
     model = nnx.merge(graphdef, _compute_params(params, dtype))
 
     def cond(s: DecodeState):
