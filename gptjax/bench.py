@@ -3,10 +3,11 @@
   python -m gptjax.bench sample [--compare torch] [--model reference|gpt2-124m] [--batch 1 16] ...
   python -m gptjax.bench train [--compare torch] [--steps 5] [--rounds 5] [--config=PRESET --section.key=value ...]
   python -m gptjax.bench data [--data.corpus=SPEC --data.workers=N ...] [--sample-mb 64]
+  python -m gptjax.bench quality [--budget 300] [--arms gpt2,rope,...,NAME:OPTIONS] [--half]
 
-`sample` times decoding (gptjax.bench_sample), `train` the training step (gptjax.bench_train) and
-`data` the preparation of token shards (gptjax.bench_data); each module's docstring says what it
-measures. Each is imported only when asked for, so that `data` starts no JAX runtime.
+`sample` times decoding (gptjax.bench_sample), `train` the training step (gptjax.bench_train),
+`data` the preparation of token shards (gptjax.bench_data) and `quality` what each option reaches
+in a fixed time (gptjax.bench_quality); each module's docstring says what it measures. Each is imported only when asked for, so that `data` starts no JAX runtime.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def _bench_train(args, rest) -> None:
     bench_train(args, rest)
 
 
+def _bench_quality(args, rest) -> None:
+    from gptjax.bench_quality import bench_quality
+
+    bench_quality(args, rest)
+
+
 def _bench_data(args, rest) -> None:
     from gptjax.bench_data import bench_data
 
@@ -40,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     sample = commands.add_parser("sample", help="decoding speed, time to first token and compile time")
     sample.add_argument("--compare", choices=["torch"], help="also time transformers' GPT2LMHeadModel.generate")
     sample.add_argument("--model", choices=sorted(MODELS), default="reference", help="the shape (default: reference)")
-    sample.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    sample.add_argument("--dtype", choices=["float32", "bfloat16"], nargs="+", default=["float32"],
+                        help="compute dtypes, each timed against its own bound (default: float32)")
     sample.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (default: 1 16)")
     sample.add_argument("--prompt_tokens", type=int, default=16, help="prompt length (default: 16)")
     sample.add_argument("--new_tokens", type=int, default=200, help="tokens to generate (default: 200)")
@@ -76,8 +84,19 @@ def main(argv: list[str] | None = None) -> None:
     data.add_argument("--format", choices=["txt", "jsonl", "jsonl.zst", "parquet"], default="txt",
                       help="with --build: the files' format (default: txt, one document per file)")
     data.set_defaults(run=_bench_data)
+    quality = commands.add_parser("quality", help="validation bits per byte that each option reaches in a fixed "
+                                                  "wall-clock budget of training on the default corpus")
+    quality.add_argument("--budget", type=float, default=300, help="seconds of training steps per arm (default: 300)")
+    quality.add_argument("--arms", default="gpt2,rope,rmsnorm,qk_norm,relu2,swiglu,untied,no_bias,gqa,muon,bpe8k",
+                         help="comma-separated arms: names of levers on top of the GPT-2 baseline (joined with + to "
+                              "combine), or NAME:OPTIONS for options of its own ('modern:--config=modern'); the "
+                              "first is the reference of the last column (default: the baseline and every lever)")
+    quality.add_argument("--half", action="store_true", help="also run the last arm in half the budget")
+    quality.add_argument("--out", default="out/quality", help="where the runs and quality.json go (default: "
+                                                             "out/quality)")
+    quality.set_defaults(run=_bench_quality)
     args, rest = parser.parse_known_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "quality"):
         from gptjax.cpu import tune_for_cpu
 
         tune_for_cpu()  # as train.py does, before JAX starts its runtime

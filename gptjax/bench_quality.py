@@ -1,0 +1,182 @@
+"""`python -m gptjax.bench quality`: how good a model each option gives in a fixed wall-clock budget.
+
+Each arm is a set of train.py options on top of a baseline, GPT-2's architecture with AdamW and
+GPT-2's tokenizer at the CPU default's shape (what `python train.py` ran before the modern options).
+For each arm the training step is timed first (the trainer's own step on random tokens, as `bench
+train` does), the number of steps that fits the budget is set (warm-up 8% of them, cosine decay to
+the end), and train.py runs it on the default corpus. Then every arm is scored on the same text: the
+validation documents of the default corpus (the same documents for every tokenizer, since the split
+is by document), each scored from its start (after end-of-text), in windows of the model's context,
+as bits per UTF-8 byte. Tokenizer-independent, so a learned tokenizer, GPT-2's and bytes compare.
+
+With --half, the last arm also runs in half the budget, which answers whether it reaches the
+baseline's bits per byte in half the time. Results go to --out/quality.json as well as the screen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# The baseline: the CPU default as it was (GPT-2 architecture, tokenizer and AdamW), stated in full so
+# that it does not move when the defaults do.
+BASELINE = ["--data.tokenizer=gpt2", "--model.n_layer=4", "--model.n_head=4", "--model.n_embd=192",
+            "--model.block_size=128", "--model.pos_encoding=learned", "--model.norm=layernorm", "--model.mlp=gelu",
+            "--model.qk_norm=false", "--model.n_kv_head=0", "--model.tie_embeddings=true", "--model.bias=true",
+            "--train.optimizer=adamw", "--train.batch_size=8", "--train.lr=2e-3", "--train.min_lr=1e-4"]
+ARMS = {
+    "gpt2": [],
+    "rope": ["--model.pos_encoding=rope"],
+    "rmsnorm": ["--model.norm=rmsnorm"],
+    "qk_norm": ["--model.qk_norm=true"],
+    "relu2": ["--model.mlp=relu2"],
+    "swiglu": ["--model.mlp=swiglu"],
+    "untied": ["--model.tie_embeddings=false"],
+    "no_bias": ["--model.bias=false"],
+    "gqa": ["--model.n_kv_head=2"],
+    "muon": ["--train.optimizer=muon"],
+    "bpe8k": ["--data.tokenizer=bpe", "--data.bpe_vocab=8192"],
+}
+
+
+def arm_options(spec: str) -> list[str]:
+    """All train.py options of an arm: NAME (from ARMS) or NAME+NAME+... on top of the baseline, or a
+    name and options of its own after a colon, on top of the CPU preset ('modern:--config=modern')."""
+    if ":" in spec:
+        raw = spec.partition(":")[2].split()
+        return raw if any(o.startswith("--config") for o in raw) else ["--config=cpu", *raw]
+    options = ["--config=cpu", *BASELINE]
+    for part in spec.split("+"):
+        if part not in ARMS:
+            raise SystemExit(f"error: unknown arm {part!r}; known: {', '.join(ARMS)}, or NAME:--options ...")
+        options += ARMS[part]
+    return options
+
+
+def step_seconds(options: list[str]) -> float:
+    """The median seconds of the arm's training step, timed as `bench train` times it."""
+    from gptjax.bench_train import GptjaxRunner, configure
+
+    runner = GptjaxRunner(configure(options))
+    runner(2)  # compile and settle
+    return statistics.median(runner(2) / 2 for _ in range(3))
+
+
+def train_arm(name: str, options: list[str], budget: float, out: Path, data_dir: Path) -> dict:
+    """Train the arm for about `budget` seconds of steps; return what it did."""
+    seconds = step_seconds(options)
+    steps = max(20, int(budget / seconds))
+    run_dir = out / name
+    from gptjax.options import parse_args
+
+    data_cfg = parse_args(options).data
+    vocab = str(data_cfg.bpe_vocab) if data_cfg.tokenizer == "bpe" else ""
+    argv = [sys.executable, str(Path(__file__).resolve().parent.parent / "train.py"), *options,
+            f"--out_dir={run_dir}", f"--data.dir={data_dir / (data_cfg.tokenizer + vocab)}", f"--train.max_steps={steps}",
+            f"--train.warmup_steps={max(1, steps * 8 // 100)}", f"--train.eval_interval={steps}",
+            f"--train.ckpt_interval={steps}", "--train.sample_tokens=0", f"--train.log_interval={max(1, steps // 10)}"]
+    print(f"{name}: {seconds * 1e3:,.0f} ms/step -> {steps} steps; {' '.join(options)}", flush=True)
+    start = time.time()
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    wall = time.time() - start
+    if proc.returncode:
+        raise SystemExit(f"error: arm {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last_train = [r for r in records if "loss" in r][-1]
+    return {"name": name, "options": options, "step_s": seconds, "steps": steps, "wall_s": wall,
+            "train_s": last_train["elapsed_s"], "train_loss": last_train["loss"]}
+
+
+def validation_documents() -> list[str]:
+    """The default corpus's validation documents, as every tokenizer's preparation holds them out."""
+    from gptjax.config import DataConfig
+    from gptjax.data.pipeline import _to_val
+    from gptjax.data.sources import Problems, Reader, corpus_files
+
+    cfg = DataConfig()
+    docs, current = [], None
+    index = -1
+    for piece in Reader(corpus_files(cfg.corpus), cfg.text_field, Problems()):
+        if piece.where[2] == 0:
+            index += 1
+            current = [] if _to_val(index, cfg.val_fraction) else None
+            if current is not None:
+                docs.append(current)
+        if current is not None:
+            current.append(piece.text)
+    return ["".join(d) for d in docs]
+
+
+def score(run_dir: Path, docs: list[str], batch: int = 16) -> float:
+    """Bits per byte of `docs`, each scored from its start in windows of the model's context."""
+    from gptjax.pretrained import load
+
+    model = load(run_dir)
+    T, tok = model.config.model.block_size, model.tokenizer
+    windows = []
+    for doc in docs:
+        ids = [tok.eot_id] + tok.encode(doc)
+        for start in range(0, len(ids) - 1, T):
+            piece = ids[start:start + T + 1]
+            windows.append((piece[:-1], piece[1:]))
+
+    @jax.jit
+    def nll_sum(params, x_BT, y_BT, mask_BT):
+        logp_BTV = jax.nn.log_softmax(nnx.merge(model.graphdef, params)(x_BT), axis=-1)
+        picked_BT = jnp.take_along_axis(logp_BTV, y_BT[..., None], axis=-1)[..., 0]
+        return -(picked_BT * mask_BT).sum()
+
+    total = 0.0
+    for i in range(0, len(windows), batch):
+        group = windows[i:i + batch] + [([0], [0])] * (batch - len(windows[i:i + batch]))
+        x, y, mask = (np.zeros((batch, T), np.int32) for _ in range(3))
+        for r, (inputs, targets) in enumerate(group):
+            x[r, :len(inputs)], y[r, :len(targets)] = inputs, targets
+            mask[r, :len(targets)] = 1 if r < len(windows) - i else 0
+        total += float(nll_sum(model.params, x, y, mask.astype(np.float32)))
+    return total / (sum(len(d.encode("utf-8")) for d in docs) * math.log(2))
+
+
+def bench_quality(args, rest: list[str]) -> None:
+    from gptjax.bench_data import cpu_name
+
+    if rest:
+        raise SystemExit(f"error: unexpected arguments {' '.join(rest)}; arms take their options after a colon "
+                         "(--arms 'mine:--model.n_layer=6 --model.n_embd=256').")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    print(f"gptjax bench quality: {len(arms)} arms of {args.budget:.0f} s of training each on the default corpus; "
+          f"CPU: {cpu_name()}, {os.cpu_count()} cores; results in {out / 'quality.json'}", flush=True)
+    docs = validation_documents()
+    print(f"scored on the default corpus's {len(docs)} validation documents, "
+          f"{sum(len(d.encode()) for d in docs) / 1e3:,.0f} kB", flush=True)
+    results = []
+    plans = [(spec.partition(":")[0], arm_options(spec), args.budget) for spec in arms]
+    if args.half:
+        name, options, _ = plans[-1]
+        plans.append((name + "@half", options, args.budget / 2))
+    for name, options, budget in plans:
+        r = train_arm(name, options, budget, out, out / "data")
+        r["bpb"] = score(out / name, docs)
+        r["budget_s"] = budget
+        results.append(r)
+        print(f"{name}: {r['steps']} steps in {r['train_s']:.0f} s of training ({r['wall_s']:.0f} s in all), "
+              f"validation {r['bpb']:.4f} bits/byte", flush=True)
+        (out / "quality.json").write_text(json.dumps(results, indent=2))
+    base = results[0]["bpb"]
+    print(f"\n{'arm':28}{'budget s':>10}{'steps':>8}{'train s':>9}{'bits/byte':>11}{'vs first':>10}")
+    for r in results:
+        print(f"{r['name']:28}{r['budget_s']:10.0f}{r['steps']:8d}{r['train_s']:9.0f}{r['bpb']:11.4f}"
+              f"{100 * (r['bpb'] / base - 1):+9.1f}%")
