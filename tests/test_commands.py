@@ -77,3 +77,11 @@ def test_unknown_and_unavailable_commands(capsys, monkeypatch):
     assert "The commands available here are train, sample, data, convert, bench, plot, memory." in err
     commands.main(["--help"])
     assert "evaluate (not available in this installation)" in capsys.readouterr().out
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(SystemExit) as e:
+        commands.main(["plot", str(tmp_path)])
+    assert e.value.code == 2
+    assert 'plotting needs matplotlib: pip install "gptjax[plot]"' in capsys.readouterr().err
