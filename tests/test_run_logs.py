@@ -17,6 +17,7 @@ from conftest import tiny_config
 from gptjax.errors import UserError
 from gptjax.options import to_dict
 from gptjax.trainer import resolve, train
+from gptjax.wandb_log import WandbLog
 
 HAS_WANDB = importlib.util.find_spec("wandb") is not None
 HAS_TENSORBOARD = all(importlib.util.find_spec(m) is not None for m in ("tensorboardX", "tensorboard"))
@@ -24,6 +25,13 @@ HAS_TENSORBOARD = all(importlib.util.find_spec(m) is not None for m in ("tensorb
 
 def quiet(_):
     pass
+
+
+def wandb_teardown():
+    """Stop W&B's service in this process: it reads WANDB_MODE and its other settings once, when it starts."""
+    import wandb
+
+    wandb.teardown()
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +51,8 @@ def resumed_run(tmp_path_factory):
             mp.setenv(k, v)
         train(cfg, log=quiet, stop_after=6)
         train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True)), log=quiet)
+        if HAS_WANDB:
+            wandb_teardown()
     run = tmp / "run"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["step"] for r in metrics} == {0, 3, 6, 9, 12}
@@ -128,12 +138,14 @@ def test_wandb_missing_says_how_to_install(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_WANDB, reason='W&B logging needs pip install "gptjax[wandb]"')
-def test_wandb_that_cannot_start_says_what_to_do(corpus, tmp_path, monkeypatch):
+def test_wandb_that_cannot_start_says_what_to_do(tmp_path, monkeypatch):
     # online without an account: W&B refuses at once, before any network
+    wandb_teardown()
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     for name, value in {"WANDB_MODE": "online", "WANDB_CONFIG_DIR": tmp_path / "config",
                         "NETRC": tmp_path / "no-netrc"}.items():
         monkeypatch.setenv(name, str(value))
+    cfg = tiny_config(tmp_path / "run", tmp_path / "corpus", wandb="proj")
     with pytest.raises(UserError, match="Weights & Biases could not start the run of --train.wandb=proj: .*wandb "
                                         "login.*WANDB_MODE=offline"):
-        train(tiny_config(tmp_path / "run", corpus, wandb="proj"), log=quiet)
+        WandbLog(cfg, tmp_path, resuming=False)  # what the trainer opens once the inputs are checked
