@@ -1,25 +1,11 @@
-"""Pretrain a GPT: `python train.py [--config=PRESET] [--section.key=value ...]` (see --help)."""
+"""Pretrain a GPT: `python train.py [--config=PRESET] [--section.key=value ...]` (see --help).
 
-import signal
+The same as `gptjax train`: the code is gptjax/train.py, so that an installed gptjax has it too.
+"""
+
 import sys
 
-from gptjax.options import parse_args
-from gptjax.cpu import tune_for_cpu
-from gptjax.errors import cli
-from gptjax.trainer import train
-
-INTRO = ("Pretrain a GPT on a text corpus. With no options: a small model on the Python standard\n"
-         "library's source, on this machine's CPU. Options come from a preset (--config) and then\n"
-         "the command line; names take '-' or '_'.")
-
-
-@cli
-def main(argv: list[str]) -> None:
-    tune_for_cpu()  # before JAX starts its runtime
-    history = train(parse_args(argv, prog="train.py", intro=INTRO))
-    if history["interrupted"]:  # saved and stopped on a signal: exit as that signal would, 128 + its number
-        sys.exit(128 + getattr(signal, history["interrupted"]))
-
+from gptjax.train import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(sys.argv[1:], as_script=True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from gptjax.errors import cli
+
 MODELS = ("gpt2-124m", "reference")  # the shapes in gptjax.bench_sample.MODELS
 
 
@@ -41,6 +43,7 @@ def _bench_data(args, rest) -> None:
     bench_data(args, rest)
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gptjax.bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)

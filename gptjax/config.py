@@ -140,6 +140,10 @@ class TrainConfig:
                                                   "matrix products; none keeps everything (fastest)")
     on_nonfinite: Literal["stop", "skip"] = opt("stop", "a NaN or infinite loss or gradient: stop the run, or skip that update")
     sample_tokens: int = opt(120, "tokens to sample at the end of training; 0 for none")
+    wandb: str = opt("", "log to Weights & Biases: the project's name (pip install \"gptjax[wandb]\"); empty: off. "
+                         "WANDB_MODE=offline keeps the run in <out_dir>/wandb/ for wandb sync")
+    wandb_name: str = opt("", "the W&B run's name; empty: the name of out_dir")
+    wandb_tags: str = opt("", "the W&B run's tags, comma-separated")
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",

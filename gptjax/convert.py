@@ -10,7 +10,8 @@ HF's 'transformer.h.0.attn.c_attn.weight', and both store linear weights (in, ou
 so nothing is transposed and a round trip is bit-exact. Two differences: gptjax pads the token
 embedding to a multiple of model.pad_vocab_to with rows that are never predicted (zero on import,
 dropped on export), and HF's lm_head is the token embedding itself (tied, not stored).
-Reading needs the `hf` extra (safetensors; torch only for pytorch_model.bin).
+safetensors files are read and written through safetensors' NumPy API (a core dependency, no
+PyTorch); only a folder that holds nothing but pytorch_model.bin needs PyTorch.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 
 from gptjax.checkpoint import CHECKPOINTS, Checkpointer, flatten, unflatten
@@ -37,7 +39,6 @@ HF_PREFIX = "transformer."
 EPSILON = 1e-5  # gptjax's LayerNorm epsilon (model.py)
 # the causal-mask buffers that older HF checkpoints store beside the weights; they carry no parameters
 _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
-_INSTALL = 'pip install "gptjax[hf]"'
 USAGE = ("usage: python -m gptjax.convert from-hf HF_DIR OUT_DIR\n"
          "       python -m gptjax.convert to-hf RUN_DIR HF_DIR [--step=N]\n"
          "HF_DIR is a local GPT2LMHeadModel folder (config.json plus model.safetensors or pytorch_model.bin).")
@@ -102,18 +103,17 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
 def _load_file(path: Path) -> dict:
     if path.suffix == ".safetensors":
         try:
-            import safetensors.numpy
-        except ImportError:
-            raise UserError(f"reading {path} needs the safetensors package: {_INSTALL}.") from None
-        try:
             return safetensors.numpy.load_file(path)
-        except TypeError:  # bfloat16, which numpy lacks; jax's arrays have it
-            import safetensors.flax
-            return safetensors.flax.load_file(path)
+        except TypeError:  # bfloat16, which older safetensors releases do not give numpy; jax's arrays have it
+            from safetensors.flax import load_file
+
+            return load_file(path)
     try:
         import torch
     except ImportError:
-        raise UserError(f"reading {path} needs PyTorch (model.safetensors does not): {_INSTALL}.") from None
+        raise UserError(f"{path} is a PyTorch file, and reading it needs PyTorch, which is not installed: pip install "
+                        "torch (or pip install \"gptjax[hf]\"). Only pytorch_model.bin needs it: a folder with "
+                        "model.safetensors is read without PyTorch.") from None
     tensors = torch.load(path, map_location="cpu", weights_only=True)
     return {k: v.float().numpy() for k, v in tensors.items()}
 
@@ -268,10 +268,6 @@ def hf_tensors(model_cfg: ModelConfig, params) -> dict:
 
 def save_hf(config: Config, params, hf_dir) -> Path:
     """Write config.json and model.safetensors (and, for the gpt2 tokenizer, vocab.json and merges.txt)."""
-    try:
-        import safetensors.numpy
-    except ImportError:
-        raise UserError(f"writing model.safetensors needs the safetensors package: {_INSTALL}.") from None
     out = Path(hf_dir)
     taken = [n for n in ("config.json", "model.safetensors") if (out / n).exists()]
     if taken:

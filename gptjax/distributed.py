@@ -150,5 +150,5 @@ class Silent:
     def write(self, record: dict) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         pass

@@ -23,11 +23,17 @@ def _exit(code: int, as_script: bool):
 
 
 def cli(main):
-    """Run `main`, turning a UserError (or Ctrl-C before training starts) into a message and an exit code."""
-    as_script = main.__module__ == "__main__"
+    """Run `main`, turning a UserError (or Ctrl-C before training starts) into a message and an exit code.
+
+    `as_script` says whether the call is a program's whole run (`python -m gptjax.x`, train.py, the
+    `gptjax` command), which an error then ends at once. It defaults to whether `main` is in the
+    module Python started with; a program that runs `main` from another module passes it.
+    """
 
     @functools.wraps(main)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, as_script: bool | None = None, **kwargs):
+        if as_script is None:
+            as_script = main.__module__ == "__main__"
         # A script holds back "Exception ignored in ..." reports (finalizers that fail, such as the
         # coroutines of an orbax read abandoned on a damaged checkpoint) until it ends normally; after
         # a user error they are noise, and they would interleave with the message.

@@ -90,6 +90,7 @@ def format_report(r: dict) -> str:
 
 @cli
 def main(argv: list[str]) -> None:
+    simulate_cpu_devices(argv)  # before JAX starts its backend: importing JAX does not start it
     cfg = parse_args(argv, prog="python -m gptjax.memory",
                      intro="Memory per device of the compiled training step, pmap against fsdp. "
                            "On a CPU, --train.devices=N simulates N devices.")
@@ -97,5 +98,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    simulate_cpu_devices(sys.argv[1:])
     main(sys.argv[1:])

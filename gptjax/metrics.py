@@ -1,5 +1,6 @@
 """What a run reports: FLOPs and MFU, the metrics.jsonl log (and TensorBoard events when
-tensorboardX is installed), and the progress display (a bar in a terminal, plain lines in logs)."""
+tensorboardX is installed, a W&B run with --train.wandb), and the progress display (a bar in a
+terminal, plain lines in logs)."""
 
 from __future__ import annotations
 
@@ -37,9 +38,12 @@ def fmt_time(seconds: float) -> str:
 
 
 class MetricsLog:
-    """Appends JSON lines; on resume, drops lines past the checkpoint so steps are not repeated."""
+    """Appends JSON lines to metrics.jsonl and hands each record to the other logs (TensorBoard, W&B).
 
-    def __init__(self, run_dir: Path, resume_step: int | None):
+    On resume, lines past the checkpoint are dropped so that no step is logged twice.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None, others=()):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is None:
             self.path.write_text("")
@@ -47,23 +51,44 @@ class MetricsLog:
             keep = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in keep))
-        try:
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:
-            self.tb = None
+        self.others = [log for log in (TensorBoardLog.open(run_dir, resume_step), *others) if log is not None]
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["step"])
+        for log in self.others:
+            log.write(record)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+    def close(self, failed: bool = False) -> None:
+        for log in self.others:
+            log.close(failed)
+
+
+class TensorBoardLog:
+    """Event files in <run_dir>/tensorboard/ when tensorboardX is installed (pip install "gptjax[tb]")."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    @classmethod
+    def open(cls, run_dir: Path, resume_step: int | None) -> TensorBoardLog | None:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            return None
+        start = resume_step or 0
+        # purge_step: TensorBoard hides what an interrupted run logged past the checkpoint it resumes from.
+        # The file's name holds the second it was opened, so a suffix keeps two starts in one second apart.
+        return cls(SummaryWriter(str(run_dir / "tensorboard"), purge_step=None if resume_step is None else start + 1,
+                                 filename_suffix=f".from-step-{start:09d}"))
+
+    def write(self, record: dict) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, record["step"])
+
+    def close(self, failed: bool = False) -> None:
+        self.writer.close()
 
 
 class Progress:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import tomllib
 import typing
@@ -273,13 +274,19 @@ def parse_flat(cls, argv: list[str], prog: str, intro: str = ""):
 
 
 def to_toml(obj) -> str:
-    """Write a (nested) config as TOML: top-level keys first, then one table per section."""
+    """Write a (nested) config as TOML: top-level keys first, then one table per section.
+
+    A config holds only booleans, numbers and strings, so this is a few lines rather than a TOML
+    library (tomli-w) among the dependencies. A JSON string is a TOML basic string, with every
+    escape JSON writes (quotes, backslashes, newlines, other control characters as \\u00XX)
+    valid in TOML; only DEL, which TOML also forbids raw, is escaped by hand.
+    """
     def fmt(v):
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        return repr(v)
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+        return repr(v)  # an int's or float's repr is valid TOML (3, 1e-05, inf, nan)
 
     tree = to_dict(obj)
     lines = [f"{k} = {fmt(v)}" for k, v in tree.items() if not isinstance(v, dict)]

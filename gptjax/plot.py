@@ -27,7 +27,7 @@ def plot(run_dirs: list[Path], out: Path) -> Path:
     try:
         import matplotlib
     except ImportError:
-        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
+        raise UserError("plotting needs matplotlib: pip install \"gptjax[plot]\" (or pip install matplotlib).") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

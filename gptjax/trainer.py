@@ -6,6 +6,8 @@ Run directory:
   <out_dir>/data/                token shards and meta.json (unless --data.dir says elsewhere)
   <out_dir>/checkpoints/<step>/  orbax checkpoints: params, opt_state, meta
   <out_dir>/metrics.jsonl        one JSON object per logged step and per evaluation
+  <out_dir>/tensorboard/         the same figures as TensorBoard events, when tensorboardX is installed
+  <out_dir>/wandb/, wandb.json   W&B's files and the W&B run's id, with --train.wandb
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax import data as data_lib
-from gptjax import distributed
+from gptjax import distributed, wandb_log
 from gptjax.checkpoint import CHECKPOINTS, Checkpointer
 from gptjax.config import Config
 from gptjax.options import from_dict, to_dict, to_toml
@@ -105,15 +107,17 @@ def train(cfg: Config, log=print, stop_after: int | None = None) -> dict:
     the schedule still follows train.max_steps, so a resumed run continues exactly.
     """
     trainer = Trainer(cfg, log)
+    failed = True
     try:
         with StopRequest() as stop:
             trainer.run(stop, stop_after)
+        failed = False
     except Exception as e:
         if is_out_of_memory(e):
             raise out_of_memory_error(trainer.cfg, e) from None
         raise
     finally:
-        trainer.close()
+        trainer.close(failed)
     return trainer.finish()
 
 
@@ -152,6 +156,8 @@ class Trainer:
         given_vocab = cfg.model.vocab_size
         cfg = resolve(cfg)
         init_params = source_tok = None
+        if cfg.train.wandb:
+            wandb_log.check_installed(cfg.train.wandb)
         if cfg.train.init_from:
             cfg, init_params, source_tok = _adopt_source_model(cfg)
             given_vocab = cfg.model.vocab_size
@@ -204,7 +210,9 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         if distributed.is_primary():
             (run_dir / "config.toml").write_text(to_toml(cfg))
-            self.metrics_log = MetricsLog(run_dir, self.start if latest is not None else None)
+            resuming = latest is not None
+            others = [wandb_log.WandbLog(cfg, run_dir, resuming)] if t.wandb else []
+            self.metrics_log = MetricsLog(run_dir, self.start if resuming else None, others)
         else:
             self.metrics_log = distributed.Silent()
 
@@ -339,13 +347,13 @@ class Trainer:
             stop.signum = signal.SIGTERM  # another process was asked to stop
         return agreed
 
-    def close(self) -> None:
-        """Let the last checkpoint finish writing, whatever ended the run."""
+    def close(self, failed: bool = False) -> None:
+        """Let the last checkpoint finish writing, whatever ended the run (`failed`: an error)."""
         if self.ckpt is not None:
             self.ckpt.wait()
             self.ckpt.close()
         if self.metrics_log is not None:
-            self.metrics_log.close()
+            self.metrics_log.close(failed)
 
     def finish(self) -> dict:
         t, log = self.t, self.progress.line

@@ -94,8 +94,9 @@ def test_bad_preset(tmp_path):
         parse_args([f"--config={bad}"])
 
 
-def test_toml_round_trip():
-    cfg = parse_args(["--config=char", "--data.corpus=a \"quoted\" path"])
+@pytest.mark.parametrize("corpus", ['a "quoted" path', "back\\slash", "new\nline", "tab\tbell\x07del\x7f", "é ☃ 😀"])
+def test_toml_round_trip(corpus):
+    cfg = parse_args(["--config=char", f"--data.corpus={corpus}", "--train.lr=1e-5"])
     assert from_dict(Config, tomllib.loads(to_toml(cfg))) == cfg
 
 
