@@ -164,6 +164,8 @@ class SampleConfig:
                                 "\"prompt\" field on each line")
     output: str = opt("", "write the samples to this JSONL file, one line each: prompt, completion and the controls")
     batch_size: int = opt(16, "prompts decoded together")
+    stop: str = opt("", "end each sample before this string, which is not printed; \\n, \\t and \\\\ are escapes, "
+                        "and several stop strings are a JSON list: --stop='[\"\\n\\n\", \"def \"]'")
 
     def __post_init__(self):
         _check(self.num_samples >= 1, f"num_samples must be at least 1, got {self.num_samples}.")
