@@ -84,6 +84,9 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 turns clipping off")
     eval_interval: int = opt(100, "steps between validation evaluations")
     eval_batches: int = opt(8, "batches per validation evaluation")
+    eval_tasks: str = opt("", "zero-shot task files (.jsonl, comma-separated) scored at every evaluation and logged: "
+                              "multiple choice (HellaSwag's layout) or last word (LAMBADA's), as python -m gptjax.eval "
+                              "--task reads them")
     log_interval: int = opt(10, "steps between progress lines")
     ckpt_interval: int = opt(200, "steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = opt(3, "how many recent checkpoints to keep")

@@ -26,6 +26,8 @@ from gptjax.checkpoint import CHECKPOINTS, Checkpointer
 from gptjax.config import Config
 from gptjax.options import from_dict, to_dict, to_toml
 from gptjax.errors import UserError
+from gptjax.eval.score import Scorer
+from gptjax.eval.tasks import read_tasks, score_task
 from gptjax.generate import generate_ids
 from gptjax.metrics import MetricsLog, Progress, Rate, flops_per_token, fmt_time, peak_flops
 from gptjax.model import GPT, count_params
@@ -129,6 +131,11 @@ class Trainer:
         run_dir = self.run_dir = Path(cfg.out_dir)
         self.tok = get_tokenizer(cfg.data.tokenizer)
         self.ckpt = self.metrics_log = None
+        self.tasks = read_tasks(t.eval_tasks, self.tok, cfg.model.block_size) if t.eval_tasks else []
+        for task in self.tasks:
+            log(f"eval task {task.name}: {len(task.examples):,} {task.kind.replace('_', ' ')} examples from {task.path}")
+            if task.warning():
+                log(task.warning())
 
         # open (and so create) the checkpoint folder only once the inputs have been checked
         existing = (run_dir / CHECKPOINTS).is_dir()
@@ -182,7 +189,7 @@ class Trainer:
         self.strategy = STRATEGIES[t.parallel](self.graphdef, tx, cfg.model.dropout, self.devices,
                                                t.on_nonfinite == "skip", loss_chunk=t.loss_chunk, remat=t.remat)
         self.state = self.strategy.put_state({"params": params, "opt_state": opt_state, "step": jnp.int32(self.start)})
-        self.history = {"loss": {}, "val_loss": {}, "skipped": []}
+        self.history = {"loss": {}, "val_loss": {}, "skipped": [], "tasks": {}}
         self.progress = Progress(t.max_steps, log)
         self.last_val = None
         self.window_losses = []
@@ -196,9 +203,24 @@ class Trainer:
                   for i in range(t.eval_batches)]
         val = float(np.mean([float(x) for x in losses]))
         self.history["val_loss"][self.done] = self.last_val = val
-        self.metrics_log.write({"step": self.done, "tokens": self.done * self.tokens_per_step, "val_loss": val})
-        self.progress.line(f"step {self.done:>6} | val loss {val:.4f}")
+        record = {"step": self.done, "tokens": self.done * self.tokens_per_step, "val_loss": val}
+        shown = f"step {self.done:>6} | val loss {val:.4f}"
+        if self.tasks:
+            figures = self.score_tasks()
+            self.history["tasks"][self.done] = figures
+            for name, values in figures.items():
+                record.update({f"{name}/{k}": v for k, v in values.items()})
+                shown += f" | {name} " + " ".join(f"{k} {v:.4f}" for k, v in values.items())
+        self.metrics_log.write(record)
+        self.progress.line(shown)
         return val
+
+    def score_tasks(self) -> dict[str, dict[str, float]]:
+        """Each eval task's figures (acc, and acc_norm or perplexity) with the parameters of this step."""
+        params = self.strategy.host_params(self.state)  # every process takes part, and each scores alike
+        scorer = Scorer(self.graphdef, params, self.cfg.model.block_size, self.t.batch_size)
+        return {task.name: {k: v for k, v in score_task(scorer, task).items() if k in ("acc", "acc_norm", "perplexity")}
+                for task in self.tasks}
 
     def save(self, val_loss: float | None) -> None:
         host = self.strategy.get_state(self.state)

@@ -1,6 +1,7 @@
 """Evaluation: text scoring in sliding windows and zero-shot tasks, against direct forward passes;
 python -m gptjax.eval as a person runs it."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -156,19 +157,35 @@ def run_eval(*args):
                           cwd=ROOT, env=env, timeout=300)
 
 
-def test_command_line(corpus, tmp_path):
+def test_training_scores_tasks_and_the_command_line_evaluates(corpus, tmp_path):
     from gptjax import load
     from gptjax.trainer import train
 
-    train(tiny_config(tmp_path / "run", corpus, max_steps=6, eval_interval=6, ckpt_interval=6), log=lambda m: None)
     task = tmp_path / "mc.jsonl"
     task.write_text("".join(json.dumps({"ctx": f"_{i}_3(x):\n    return x *", "endings": [" 3", " 7"],
                                         "label": 0}) + "\n" for i in range(5)))
+    with pytest.raises(UserError, match="task file .*missing.jsonl does not exist"):
+        train(tiny_config(tmp_path / "bad", corpus, eval_tasks=f"{task},{tmp_path / 'missing.jsonl'}"))
+    history = train(tiny_config(tmp_path / "run", corpus, max_steps=6, eval_interval=3, ckpt_interval=6,
+                                eval_tasks=str(task)), log=lambda m: None)
+    m = load(tmp_path / "run")
+    at_end = score_task(scorer(m), read_task(task, m.tokenizer, 32))
+    assert sorted(history["tasks"]) == [0, 3, 6]
+    assert history["tasks"][6] == {"mc": {"acc": at_end["acc"], "acc_norm": at_end["acc_norm"]}}
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if "val_loss" in r]
+    assert [r["step"] for r in logged] == [0, 3, 6] and all({"mc/acc", "mc/acc_norm"} <= set(r) for r in logged)
+    assert logged[-1]["mc/acc_norm"] == at_end["acc_norm"]
+    if importlib.util.find_spec("matplotlib"):  # the plot grows a panel of task accuracies
+        from gptjax.plot import plot
+
+        png = plot([tmp_path / "run"], tmp_path / "loss.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 18 * 120
+
     out = tmp_path / "figures.json"
     proc = run_eval(tmp_path / "run", f"--text={corpus}/doc00*.py", "--stride=8", f"--task={task}", f"--output={out}")
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(out.read_text())
-    m = load(tmp_path / "run")
     files = sorted(corpus.glob("doc00*.py"))
     expected, _ = score_text(scorer(m, 8), files, m.tokenizer, 8)
     assert figures["step"] == 6 and figures["settings"]["stride"] == 8 and figures["model"]["block_size"] == 32

@@ -69,7 +69,7 @@ class Scorer:
     windows at a time."""
 
     def __init__(self, graphdef, params, block_size: int, batch_size: int = 8, chunk: int = LOGITS_CHUNK):
-        self.graphdef, self.params = graphdef, params
+        self.graphdef, self.params = graphdef, jax.device_put(params)  # on the device once, not at every batch
         self.block_size, self.batch_size, self.chunk = block_size, batch_size, chunk
 
     def _batch(self, windows: list[Window], length: int) -> list[Scored]:
