@@ -201,3 +201,30 @@ def test_training_scores_tasks_and_the_command_line_evaluates(corpus, tmp_path):
     assert f"error: {task}:2: \"label\" 5 is out of range" in proc.stderr
     proc = run_eval(tmp_path / "run")
     assert proc.returncode == 2 and "nothing to evaluate" in proc.stderr
+
+
+def test_text_perplexity_agrees_with_transformers(tmp_path):
+    """An imported GPT-2 (random weights, the GPT-2 vocabulary): gptjax's streamed scoring against
+    transformers' log-probabilities over the same windows."""
+    torch = pytest.importorskip("torch", reason="the HF parity tests need PyTorch: pip install 'gptjax[hf]'")
+    pytest.importorskip("transformers", reason="the HF parity tests need transformers: pip install 'gptjax[hf]'")
+    from gptjax import load
+    from test_convert import make_hf
+
+    hf = make_hf(tmp_path / "hf", n_layer=2, n_head=2, n_embd=64, n_positions=16, vocab_size=50257)
+    m = load(f"hf:{tmp_path / 'hf'}")
+    docs = ["The quick brown fox jumps over the lazy dog, again and again, until the dog gets up.",
+            "Perplexity is the exponential of the mean negative log-likelihood per token — über simple."]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    score, _ = score_text(Scorer(m.graphdef, m.params, 16, 4), [tmp_path / "docs.jsonl"], m.tokenizer, stride=6)
+    eot = m.tokenizer.eot_id
+    ids = [eot] + sum(([*m.tokenizer.encode(d), eot] for d in docs), [])
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for w in sliding_windows([np.asarray(ids)], 16, 6):
+            logp = torch.log_softmax(hf(torch.tensor(w.x[None], dtype=torch.long)).logits[0], dim=-1).numpy()
+            nll -= sum(float(logp[j, w.y[j]]) for j in range(w.first, w.end))
+            n += w.end - w.first
+    assert score.tokens == n == len(ids) - 1 > 2 * 16
+    assert score.perplexity == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert score.bits_per_byte == pytest.approx(nll / math.log(2) / sum(len(d.encode()) for d in docs), rel=1e-4)
