@@ -97,9 +97,9 @@ def main(argv: list[str]) -> None:
     prompts = read_prompts(cfg)
     if cfg.output and not Path(cfg.output).parent.is_dir():
         raise UserError(f"--output {cfg.output}: the folder {Path(cfg.output).parent} does not exist.")
+    stop = parse_stop(cfg.stop)
     model = load(cfg.checkpoint, None if cfg.step < 0 else cfg.step)
     warn_long(model, prompts)
-    stop = parse_stop(cfg.stop)
     controls = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                     top_p=cfg.top_p, seed=cfg.seed, stop=stop or None)
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from gptjax.config import EvalConfig
+from gptjax.cpu import tune_for_cpu
 from gptjax.data.sources import corpus_files
 from gptjax.errors import UserError, cli
 from gptjax.options import parse_flat, to_dict
@@ -58,6 +59,7 @@ def parse(argv: list[str]) -> EvalConfig:
 @cli
 def main(argv: list[str]) -> dict:
     cfg = parse(argv)
+    tune_for_cpu()  # before JAX starts: a batch's logits are large buffers, as in training
     files = corpus_files(cfg.text, option="--text") if cfg.text else []  # checked before the model is loaded
     from gptjax.eval.score import Scorer
     from gptjax.eval.tasks import read_tasks, score_task, summary
