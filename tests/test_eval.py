@@ -157,33 +157,29 @@ def run_eval(*args):
                           cwd=ROOT, env=env, timeout=300)
 
 
-def test_training_scores_tasks_and_the_command_line_evaluates(corpus, tmp_path):
+def test_training_scores_tasks_and_the_command_line_evaluates(task_run, tmp_path):
     from gptjax import load
     from gptjax.trainer import train
 
-    task = tmp_path / "mc.jsonl"
-    task.write_text("".join(json.dumps({"ctx": f"_{i}_3(x):\n    return x *", "endings": [" 3", " 7"],
-                                        "label": 0}) + "\n" for i in range(5)))
+    run, corpus, task, history = task_run.run, task_run.corpus, task_run.task, task_run.history
     with pytest.raises(UserError, match="task file .*missing.jsonl does not exist"):
         train(tiny_config(tmp_path / "bad", corpus, eval_tasks=f"{task},{tmp_path / 'missing.jsonl'}"))
-    history = train(tiny_config(tmp_path / "run", corpus, max_steps=6, eval_interval=3, ckpt_interval=6,
-                                eval_tasks=str(task)), log=lambda m: None)
-    m = load(tmp_path / "run")
+    m = load(run)
     at_end = score_task(scorer(m), read_task(task, m.tokenizer, 32))
     assert sorted(history["tasks"]) == [0, 3, 6]
     assert history["tasks"][6] == {"mc": {"acc": at_end["acc"], "acc_norm": at_end["acc_norm"]}}
-    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in logged if "val_loss" in r]
     assert [r["step"] for r in logged] == [0, 3, 6] and all({"mc/acc", "mc/acc_norm"} <= set(r) for r in logged)
     assert logged[-1]["mc/acc_norm"] == at_end["acc_norm"]
     if importlib.util.find_spec("matplotlib"):  # the plot grows a panel of task accuracies
         from gptjax.plot import plot
 
-        png = plot([tmp_path / "run"], tmp_path / "loss.png").read_bytes()
+        png = plot([run], tmp_path / "loss.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 18 * 120
 
     out = tmp_path / "figures.json"
-    proc = run_eval(tmp_path / "run", f"--text={corpus}/doc00*.py", "--stride=8", f"--task={task}", f"--output={out}")
+    proc = run_eval(run, f"--text={corpus}/doc00*.py", "--stride=8", f"--task={task}", f"--output={out}")
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(out.read_text())
     files = sorted(corpus.glob("doc00*.py"))
@@ -195,11 +191,12 @@ def test_training_scores_tasks_and_the_command_line_evaluates(corpus, tmp_path):
                                       "skipped_examples": []}
     assert f"perplexity {expected.perplexity:.3f}" in proc.stdout and "task mc (multiple choice, 5 examples)" in proc.stdout
 
+    task = tmp_path / "bad.jsonl"
     task.write_text('{"ctx": "a", "endings": ["b", "c"], "label": 0}\n{"ctx": "a", "endings": ["b", "c"], "label": 5}\n')
-    proc = run_eval(tmp_path / "run", f"--task={task}")
+    proc = run_eval(run, f"--task={task}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"error: {task}:2: \"label\" 5 is out of range" in proc.stderr
-    proc = run_eval(tmp_path / "run")
+    proc = run_eval(run)
     assert proc.returncode == 2 and "nothing to evaluate" in proc.stderr
 
 

@@ -16,14 +16,14 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 pytest.importorskip("lm_eval", reason="the harness tests need lm-evaluation-harness: pip install 'gptjax[lm-eval]'")
 
-from conftest import ROOT, tiny_config  # noqa: E402
+from conftest import ROOT  # noqa: E402
 from gptjax import load  # noqa: E402
 from gptjax.eval.score import Scorer  # noqa: E402
 from gptjax.eval.tasks import read_task, score_task  # noqa: E402
-from gptjax.trainer import train  # noqa: E402
 
 TASKS = {
     "gj_choice": """
@@ -56,22 +56,20 @@ metric_list:
 }
 
 
-def test_lm_eval_runs_gptjax_on_local_tasks(corpus, tmp_path):
-    run = tmp_path / "run"
-    train(tiny_config(run, corpus, max_steps=20, eval_interval=20, ckpt_interval=20), log=lambda m: None)
+def test_lm_eval_runs_gptjax_on_local_tasks(task_run, tmp_path):
+    run = task_run.run
     m = load(run)
     tok = m.tokenizer
     data = {
         "gj_choice": [{"ctx": f"_{i}_2(x):\n    return x *", "endings": [" 2", " 9", " x"], "label": i % 3}
                       for i in range(6)],
         "gj_rolling": [{"text": "def f_1_2(x):\n    return x"}, {"text": "class A:\n    pass"}],
-        "gj_generate": [{"prompt": f"def function_{i}_", "answer": ""} for i in range(4)],
+        "gj_generate": [{"prompt": f"def function_{i}_", "answer": "not this"} for i in range(4)],
     }
     # the right answers of two generation prompts are what the model writes before a stop string
     for doc in data["gj_generate"][:2]:
         doc["answer"] = m.generate(doc["prompt"], max_new_tokens=12, temperature=0, stop=["\n", "("])
         assert doc["answer"]
-    data["gj_generate"][2]["answer"] = "not this"
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     for name, docs in data.items():
@@ -100,12 +98,13 @@ def test_lm_eval_runs_gptjax_on_local_tasks(corpus, tmp_path):
     ours = score_task(Scorer(m.graphdef, m.params, 32, 4), read_task(tasks / "gj_choice.jsonl", tok, 32))
     assert results["gj_choice"]["acc,none"] == pytest.approx(ours["acc"])
     # rolling log-likelihood: every token of each text after an end-of-text, from direct forward passes
+    forward = jax.jit(lambda p, x: jax.nn.log_softmax(nnx.merge(m.graphdef, p)(x)))
     lls, nbytes, words = 0.0, 0, 0
     for doc in data["gj_rolling"]:
         ids = [tok.eot_id, *tok.encode(doc["text"])]
         x = np.zeros((1, 32), np.int32)
         x[0, :len(ids) - 1] = ids[:-1]
-        logp = np.asarray(jax.nn.log_softmax(m.model(x)[0]))
+        logp = np.asarray(forward(m.params, x)[0])
         lls += sum(float(logp[t - 1, ids[t]]) for t in range(1, len(ids)))
         nbytes += len(doc["text"].encode())
         words += len(doc["text"].split())

@@ -52,8 +52,8 @@ class TextScore:
     loss: float  # mean negative log-likelihood per token, in nats
     perplexity: float
     bits_per_byte: float | None
-    seconds: float
-    tokens_per_s: float
+    seconds: float  # compilation included
+    tokens_per_s: float  # after the first batch (compilation excluded)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -75,17 +75,24 @@ def score_documents(scorer: Scorer, reader: Reader, tokenizer, stride: int,
 
     start = time.perf_counter()
     nll, tokens = 0.0, 0
+    warm = (start, 0)  # time and tokens after the first batch, which includes compiling: the rate starts there
     for i, s in enumerate(scorer.windows(sliding_windows(chunks(), scorer.block_size, stride))):
         nll -= float(np.sum(s.logp, dtype=np.float64))
         tokens += len(s.logp)
-        if progress is not None and (i + 1) % scorer.batch_size == 0:
-            progress(tokens, reader.done_bytes() / max(reader.total_bytes, 1))
-    seconds = time.perf_counter() - start
+        if (i + 1) % scorer.batch_size == 0:
+            if i + 1 == scorer.batch_size:
+                warm = (time.perf_counter(), tokens)
+            if progress is not None:
+                progress(tokens, reader.done_bytes() / max(reader.total_bytes, 1))
+    end = time.perf_counter()
     if tokens == 0:
         raise UserError("the text holds no document to score: every file was empty or skipped.")
+    if tokens == warm[1]:  # a single batch: no rate without its compilation
+        warm = (start, 0)
     loss = nll / tokens
     return TextScore(tokens=tokens, bytes=read["bytes"], documents=read["documents"], loss=loss,
-                     perplexity=math.exp(loss), seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
+                     perplexity=math.exp(loss), seconds=end - start,
+                     tokens_per_s=(tokens - warm[1]) / max(end - warm[0], 1e-9),
                      bits_per_byte=nll / math.log(2) / read["bytes"] if read["bytes"] else None)
 
 
