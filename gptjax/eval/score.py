@@ -40,8 +40,10 @@ def _score(params, x_BT, y_BT, *, graphdef, chunk: int):
     def one_chunk(args):
         h_BtD, y_Bt = args
         logits_BtV = model.wte.attend(h_BtD).astype(jnp.float32)[..., :V]  # padded ids are never predicted
-        logp_Bt = jnp.take_along_axis(logits_BtV, y_Bt[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits_BtV, -1)
-        return logp_Bt, jnp.argmax(logits_BtV, axis=-1) == y_Bt
+        top_Bt = jnp.max(logits_BtV, axis=-1)  # the log-sum-exp's shift, and the greedy test: one pass, not two
+        target_Bt = jnp.take_along_axis(logits_BtV, y_Bt[..., None], axis=-1)[..., 0]
+        logz_Bt = top_Bt + jnp.log(jnp.sum(jnp.exp(logits_BtV - top_Bt[..., None]), axis=-1))
+        return target_Bt - logz_Bt, target_Bt >= top_Bt
 
     logp_CBt, greedy_CBt = jax.lax.map(one_chunk, (h_CBtD, y_CBt))
     unchunk = lambda a: jnp.moveaxis(a, 0, 1).reshape(B, C * t)[:, :T]  # noqa: E731
@@ -72,25 +74,45 @@ class Scorer:
         self.graphdef, self.params = graphdef, jax.device_put(params)  # on the device once, not at every batch
         self.block_size, self.batch_size, self.chunk = block_size, batch_size, chunk
 
-    def _batch(self, windows: list[Window], length: int) -> list[Scored]:
+    def _dispatch(self, windows: list[Window], length: int):
+        """Start scoring a batch (padded to `length` positions and batch_size rows); `_collect` waits for it."""
         x = np.zeros((self.batch_size, length), np.int32)
         y = np.zeros((self.batch_size, length), np.int32)
         for i, w in enumerate(windows):
             x[i, :len(w.x)], y[i, :len(w.y)] = w.x, w.y
-        logp, greedy = _score(self.params, x, y, graphdef=self.graphdef, chunk=self.chunk)
+        return windows, _score(self.params, x, y, graphdef=self.graphdef, chunk=self.chunk)
+
+    @staticmethod
+    def _collect(pending) -> list[Scored]:
+        windows, (logp, greedy) = pending
         logp, greedy = np.asarray(logp), np.asarray(greedy)
         return [Scored(w.tag, logp[i, w.first:w.end], greedy[i, w.first:w.end]) for i, w in enumerate(windows)]
 
+    def _pipelined(self, batches: Iterable[tuple[list[Window], int]]) -> Iterator[Scored]:
+        """Scores of (batch, length) pairs in order; a batch's results are read once the next one is
+        dispatched, so reading documents and cutting windows overlap the model's work."""
+        pending = None
+        for batch, length in batches:
+            started = self._dispatch(batch, length)
+            if pending is not None:
+                yield from self._collect(pending)
+            pending = started
+        if pending is not None:
+            yield from self._collect(pending)
+
     def windows(self, windows: Iterable[Window]) -> Iterator[Scored]:
         """Each window's scores, in order, from batches of full-context windows (one compilation)."""
-        batch: list[Window] = []
-        for w in windows:
-            batch.append(w)
-            if len(batch) == self.batch_size:
-                yield from self._batch(batch, self.block_size)
-                batch = []
-        if batch:
-            yield from self._batch(batch, self.block_size)
+        def batches():
+            batch: list[Window] = []
+            for w in windows:
+                batch.append(w)
+                if len(batch) == self.batch_size:
+                    yield batch, self.block_size
+                    batch = []
+            if batch:
+                yield batch, self.block_size
+
+        return self._pipelined(batches())
 
     def requests(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(log-likelihood of the continuation given the context, whether it is the greedy continuation)
@@ -101,9 +123,9 @@ class Scorer:
             seq = np.asarray(list(ctx) + list(cont), np.int32)
             windows.append(Window(i, seq[:-1], seq[1:], len(ctx) - 1, len(seq) - 1))
         windows.sort(key=lambda w: -len(w.x))
+        batches = ((windows[i:i + self.batch_size], bucket(len(windows[i].x), self.block_size))
+                   for i in range(0, len(windows), self.batch_size))
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        for i in range(0, len(windows), self.batch_size):
-            batch = windows[i:i + self.batch_size]
-            for s in self._batch(batch, bucket(len(batch[0].x), self.block_size)):
-                out[s.tag] = (float(np.sum(s.logp, dtype=np.float64)), bool(np.all(s.greedy)))
+        for s in self._pipelined(batches):
+            out[s.tag] = (float(np.sum(s.logp, dtype=np.float64)), bool(np.all(s.greedy)))
         return out
