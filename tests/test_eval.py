@@ -10,11 +10,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+import zstandard
 from flax import nnx
 
 from conftest import ROOT, tiny_config
 from gptjax.errors import UserError
-from gptjax.eval.score import Scorer
+from gptjax.eval.score import Scorer, _score
 from gptjax.eval.tasks import read_task, score_task
 from gptjax.eval.text import check_stride, score_text, sliding_windows
 from test_pretrained import T, byte_model
@@ -80,12 +81,16 @@ def test_text_scores_equal_a_direct_forward_pass(tmp_path):
     jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS) + "not json\n")
     ids = [eot] + sum(([*m.tokenizer.encode(d), eot] for d in DOCS), [])
     assert len(ids) > 5 * T
-    for stride in (5, 16, 32):
-        score, problems = score_text(scorer(m), [jsonl], m.tokenizer, stride)
+    zst = tmp_path / "docs.jsonl.zst"  # compressed as corpora are kept: the same documents, the same figures
+    zst.write_bytes(zstandard.ZstdCompressor().compress(jsonl.read_bytes()))
+    compiled = _score._cache_size()
+    for stride, path in ((5, jsonl), (16, zst), (32, jsonl)):
+        score, problems = score_text(scorer(m), [path], m.tokenizer, stride)
         assert problems.counts == {"bad_json": 1}
         assert (score.tokens, score.documents) == (len(ids) - 1, 3)
         assert score.bytes == sum(len(d.encode()) for d in DOCS)  # non-ASCII characters count their bytes
         assert score.loss * score.tokens == pytest.approx(expected_nll(logp, ids, stride), rel=1e-5)
+    assert _score._cache_size() == compiled  # every window has the context's shape: compiled for the first text only
     with pytest.raises(UserError, match="between 1 .* and the context"):
         check_stride(T + 1, T)
     assert check_stride(0, T) == T // 2
