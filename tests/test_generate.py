@@ -160,7 +160,9 @@ def test_stop_strings_end_each_prompt_of_a_ragged_batch_without_compiling():
 def test_should_end_stops_a_row_in_the_compiled_loop():
     graphdef, params, _ = small()
     prompts = [[1, 2, 3], [7, 8, 9, 10, 11], [42]]
-    kw = dict(block_size=32, eot_id=-1, max_new_tokens=30, temperature=0.9, top_k=30, seed=5, chunk=4)
+    # one segment (5 + 24 tokens fit the context): past it, the rows still running are prefilled again as a
+    # smaller batch, whose random draws differ from the full batch's, so the free run is no reference there
+    kw = dict(block_size=32, eot_id=-1, max_new_tokens=24, temperature=0.9, top_k=30, seed=5, chunk=4)
     free = generate_ids(graphdef, params, prompts, **kw)
     seen = {0: 0, 1: 0, 2: 0}
 
