@@ -124,6 +124,9 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 turns clipping off")
     eval_interval: int = opt(100, "steps between validation evaluations")
     eval_batches: int = opt(8, "batches per validation evaluation")
+    eval_tasks: str = opt("", "zero-shot task files (.jsonl, comma-separated) scored at every evaluation and logged: "
+                              "multiple choice (HellaSwag's layout) or last word (LAMBADA's), as python -m gptjax.eval "
+                              "--task reads them")
     log_interval: int = opt(10, "steps between progress lines")
     ckpt_interval: int = opt(200, "steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = opt(3, "how many recent checkpoints to keep")
@@ -211,6 +214,8 @@ class SampleConfig:
     batch_size: int = opt(16, "prompts decoded together")
     dtype: Literal["checkpoint", "float32", "bfloat16", "auto"] = opt(
         "checkpoint", "compute dtype for decoding: bfloat16 reads half the bytes per token; checkpoint: the run's")
+    stop: str = opt("", "end each sample before this string, which is not printed; \\n, \\t and \\\\ are escapes, "
+                        "and several stop strings are a JSON list: --stop='[\"\\n\\n\", \"def \"]'")
 
     def __post_init__(self):
         _check(self.num_samples >= 1, f"num_samples must be at least 1, got {self.num_samples}.")
@@ -219,3 +224,24 @@ class SampleConfig:
         _check(self.temperature >= 0, f"temperature must be 0 (greedy) or positive, got {self.temperature}.")
         _check(self.top_k >= 0, f"top_k must be 0 (off) or positive, got {self.top_k}.")
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}.")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    checkpoint: str = opt("", "what to evaluate: a run directory (its latest checkpoint), a checkpoint step directory "
+                              "or hf:DIR (a Hugging Face GPT-2 folder); also the first argument without --checkpoint=")
+    step: int = opt(-1, "which checkpoint step to load; -1 for the latest")
+    text: str = opt("", "score this text: a file, a folder or a glob of text, JSON Lines (.jsonl) or Parquet files, "
+                        "compressed or not, as --data.corpus takes")
+    text_field: str = opt("text", "the field that holds a document's text in JSON Lines and Parquet files")
+    stride: int = opt(0, "tokens between the starts of two scoring windows: each token is scored with at least "
+                         "context - stride tokens before it; 1 gives every token the full context (at context times "
+                         "the cost), the context itself windows that do not overlap; 0: half the context")
+    task: str = opt("", "zero-shot task files, comma-separated: JSON Lines of multiple-choice examples "
+                        "(ctx, endings, label: HellaSwag's layout) or last-word examples (text: LAMBADA's)")
+    batch_size: int = opt(8, "windows (or task sequences) scored together")
+    output: str = opt("", "also write every figure, with the checkpoint, step and settings, to this JSON file")
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}.")
+        _check(self.stride >= 0, f"stride must be 0 (half the context) or positive, got {self.stride}.")

@@ -1,4 +1,5 @@
-"""Settings for training on a CPU, applied by train.py and the training benchmark before JAX starts.
+"""Settings for training on a CPU, applied by train.py, the training benchmark and python -m gptjax.eval
+before JAX starts.
 
 Host memory. XLA's CPU runtime takes every large buffer of a step (activations, logits,
 gradients) from the C library's malloc and frees it at the end. glibc serves blocks over 32 MB

@@ -16,7 +16,7 @@ is prefilled again and decoding resumes.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import jax
@@ -28,6 +28,7 @@ from gptjax.errors import UserError
 from gptjax.model import compute_dtype
 
 SMALLEST_BUCKET = 16
+CHECK_EVERY = 16  # tokens decoded between two checks of should_end (stop strings)
 
 
 def check_controls(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
@@ -170,15 +171,28 @@ def bucket(n: int, limit: int, smallest: int = SMALLEST_BUCKET) -> int:
     return min(b, max(limit, n))
 
 
+def _with_done(state: DecodeState, done: np.ndarray) -> DecodeState:
+    """The state with these rows marked done: the loop writes nothing more for them and ends when all
+    are. An array of the same shape and type, put on the device: nothing compiles."""
+    return state._replace(done_B=jax.device_put(np.array(state.done_B) | done))
+
+
 def stream_ids(graphdef, params, prompts: list[list[int]], *, block_size: int, eot_id: int,
                max_new_tokens: int, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
-               seed: int = 0, chunk: int = 0) -> Iterator[list[list[int]]]:
+               seed: int = 0, chunk: int = 0,
+               should_end: Callable[[int, list[int]], bool] | None = None) -> Iterator[list[list[int]]]:
     """Yield the new token ids of every prompt as they come, one list per prompt (empty when it has
     nothing new) each time decoding returns to Python: once per segment, or every `chunk` tokens.
 
     A row ends before end-of-text or after `max_new_tokens`; the id lists never hold end-of-text.
+    `should_end(prompt index, its new ids)` is asked about each piece before it is yielded; True
+    ends that row there (a stop string, say): it is marked done in the decoding state, so the
+    compiled loop stops working on it and ends when every row has, with no new compilation.
+    With `should_end` and no `chunk`, decoding returns to Python every CHECK_EVERY tokens to ask.
     """
     check_controls(max_new_tokens, temperature, top_k, top_p)
+    if should_end is not None and chunk <= 0:
+        chunk = CHECK_EVERY
     prompts = [list(p[-block_size:]) or [eot_id] for p in prompts]  # an empty prompt starts a document
     sampling = Sampling(greedy=temperature == 0, top_k=int(top_k), nucleus=top_p < 1.0, eot_id=int(eot_id))
     controls = (jnp.float32(temperature or 1.0), jnp.float32(top_p))
@@ -203,6 +217,8 @@ def stream_ids(graphdef, params, prompts: list[list[int]], *, block_size: int, e
             mask_BP[i, P - len(c):] = True
         key = jax.random.fold_in(base_key, segment)
         state = _prefill(params, prompt_BP, mask_BP, key, *controls, graphdef=graphdef, n_out=N, sampling=sampling)
+        if B > len(contexts):  # spare rows would keep the loop running after every real row has ended
+            state = _with_done(state, np.arange(B) >= len(contexts))
         ended = [False] * len(active)
         start = 0
         while True:
@@ -215,6 +231,7 @@ def stream_ids(graphdef, params, prompts: list[list[int]], *, block_size: int, e
             i = int(state.i)
             out_BN = np.array(state.out_BN)[:, start:i]  # a copy, on the host: the state is donated next
             new: list[list[int]] = [[] for _ in prompts]
+            stopped = np.zeros(B, bool)
             for row, r in enumerate(active):
                 if ended[row]:
                     continue
@@ -224,10 +241,14 @@ def stream_ids(graphdef, params, prompts: list[list[int]], *, block_size: int, e
                 new[r] = ids
                 seqs[r] += ids
                 produced[r] += len(ids)
+                if should_end is not None and ids and should_end(r, ids) and not ended[row]:
+                    ended[row] = stopped[row] = True
             yield new
             start = i
             if i >= n or all(ended):
                 break
+            if stopped.any():
+                state = _with_done(state, stopped)
         active = [r for row, r in enumerate(active) if not ended[row] and produced[r] < max_new_tokens]
         segment += 1
 

@@ -1,8 +1,9 @@
 """Loss curves of one or more runs: `python -m gptjax.plot RUN_DIR [RUN_DIR ...] [--out=loss.png]`.
 
-Three panels, train and validation loss against steps, tokens and seconds of training, the runs
-overlaid in one colour each (train as a line, validation as dots on a dashed line). The loss is in
-bits per UTF-8 byte when every run logged it (tokenizer-independent, so runs of different
+Loss curves against steps, tokens and seconds of training, the runs overlaid in one colour each
+(train as a line, validation as dots on a dashed line), and a last panel, when the runs scored
+zero-shot tasks (--train.eval_tasks), of their accuracies against steps, a marker per figure. The
+loss is in bits per UTF-8 byte when every run logged it (tokenizer-independent, so runs of different
 tokenizers compare), else in nats per token. Needs matplotlib.
 """
 
@@ -15,12 +16,20 @@ from pathlib import Path
 from gptjax.errors import UserError, cli
 
 
+MARKERS = "osD^v<>"
+
+
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run_dir} has no metrics.jsonl; give run directories written by train.py.")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def task_accuracies(val: list[dict]) -> list[str]:
+    """The task figures that are accuracies ('<task>/acc', '<task>/acc_norm'), in order of appearance."""
+    return list(dict.fromkeys(k for r in val for k in r if "/" in k and k.rsplit("/", 1)[1].startswith("acc")))
 
 
 def plot(run_dirs: list[Path], out: Path) -> Path:
@@ -38,7 +47,9 @@ def plot(run_dirs: list[Path], out: Path) -> Path:
     xs = [("step", "optimizer steps"), ("tokens", "training tokens")]
     if all("elapsed_s" in r for _, train, val in runs for r in train + val):
         xs.append(("elapsed_s", "seconds of training"))
-    fig, axes = plt.subplots(1, len(xs), figsize=(6 * len(xs), 4.5), constrained_layout=True)
+    with_tasks = any(task_accuracies(val) for _, _, val in runs)
+    panels = len(xs) + with_tasks
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), constrained_layout=True)
     for i, (run_dir, train, val) in enumerate(runs):
         color = f"C{i % 10}"
         for ax, (x, _) in zip(axes, xs):
@@ -46,10 +57,19 @@ def plot(run_dirs: list[Path], out: Path) -> Path:
                     label=f"{run_dir.name} train")
             ax.plot([r[x] for r in val], [r[val_key] for r in val], color=color, ls="--", marker="o",
                     ms=4, label=f"{run_dir.name} validation")
+        for j, task in enumerate(task_accuracies(val)):
+            points = [r for r in val if task in r]
+            axes[-1].plot([r["step"] for r in points], [r[task] for r in points], color=color,
+                          marker=MARKERS[j % len(MARKERS)], ms=4, label=f"{run_dir.name} {task}")
     for ax, (_, name) in zip(axes, xs):
         ax.set_xlabel(name)
         ax.set_ylabel(f"cross-entropy loss ({unit})")
         ax.set_title(f"loss against {name}")
+    if with_tasks:
+        axes[-1].set_xlabel("optimizer steps")
+        axes[-1].set_ylabel("accuracy")
+        axes[-1].set_title("zero-shot tasks against optimizer steps")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     out.parent.mkdir(parents=True, exist_ok=True)

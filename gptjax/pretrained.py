@@ -20,6 +20,7 @@ from gptjax.options import from_dict
 from gptjax.errors import UserError
 from gptjax.generate import stream_ids
 from gptjax.model import GPT
+from gptjax.stops import StopText, check_stops
 from gptjax.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_meta
 
 
@@ -50,24 +51,35 @@ class Pretrained:
         return nnx.merge(self.graphdef, self.params)
 
     def _stream_ids(self, texts: list[str], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                    seed: int, chunk: int):
+                    seed: int, chunk: int, should_end=None):
         return stream_ids(self.graphdef, self.params, [self.tokenizer.encode(t) for t in texts],
                           block_size=self.config.model.block_size, eot_id=self.tokenizer.eot_id,
                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=seed, chunk=chunk)
+                          seed=seed, chunk=chunk, should_end=should_end)
 
     def generate(self, prompts: str | list[str], max_new_tokens: int = 100, temperature: float = 0.8,
-                 top_k: int = 200, top_p: float = 1.0, seed: int = 0, batch_size: int = 16) -> str | list[str]:
+                 top_k: int = 200, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
+                 stop: str | list[str] | None = None) -> str | list[str]:
         """The continuation of each prompt, as text without the prompt; a list for a list.
 
         Prompts are decoded together, `batch_size` at a time; temperature 0 is greedy, top_k 0
-        and top_p 1 turn those filters off, and the same seed gives the same text.
+        and top_p 1 turn those filters off, and the same seed gives the same text. Each
+        continuation ends before the first of the `stop` strings it produces (that one decoding
+        stops there; the others go on), and is otherwise the text it would be without them.
         """
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
+        stops = check_stops(stop)
         out: list[str] = []
         for i in range(0, len(texts), max(1, batch_size)):
             batch = texts[i:i + max(1, batch_size)]
+            if stops:
+                rows = [StopText(self.tokenizer, stops) for _ in batch]
+                for _ in self._stream_ids(batch, max_new_tokens, temperature, top_k, top_p, seed, chunk=0,
+                                          should_end=lambda r, ids: rows[r].feed(ids)):
+                    pass
+                out += [row.finish() for row in rows]
+                continue
             ids: list[list[int]] = [[] for _ in batch]
             for new in self._stream_ids(batch, max_new_tokens, temperature, top_k, top_p, seed, chunk=0):
                 for r, piece in enumerate(new):
@@ -76,11 +88,25 @@ class Pretrained:
         return out[0] if single else out
 
     def stream(self, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 200,
-               top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
+               top_p: float = 1.0, seed: int = 0, stop: str | list[str] | None = None) -> Iterator[str]:
         """The continuation of one prompt in pieces as they are decoded; joined, they are `generate`'s text.
 
-        A character split over several tokens is held back until it is complete.
+        A character split over several tokens is held back until it is complete, and with `stop`
+        strings, a tail that could be the beginning of one.
         """
+        stops = check_stops(stop)
+        if stops:
+            row = StopText(self.tokenizer, stops)
+            for _ in self._stream_ids([prompt], max_new_tokens, temperature, top_k, top_p, seed, self.STREAM_CHUNK,
+                                      should_end=lambda r, ids: row.feed(ids)):
+                piece = row.take()
+                if piece:
+                    yield piece
+            row.finish()
+            tail = row.take()
+            if tail:
+                yield tail
+            return
         text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for new in self._stream_ids([prompt], max_new_tokens, temperature, top_k, top_p, seed, self.STREAM_CHUNK):
             piece = text.decode(self.tokenizer.decode_bytes(new[0]))

@@ -5,6 +5,7 @@ it; the top-level sample.py runs it.
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -63,6 +64,25 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
     return [""]
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def parse_stop(value: str) -> list[str]:
+    """--stop: one string with \\n, \\t, \\r and \\\\ escapes, or a JSON list of strings."""
+    if not value:
+        return []
+    if value.startswith("["):
+        try:
+            stops = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--stop={value!r} starts like a JSON list but is not one ({e.msg}); give one string, "
+                            'or a list such as --stop=\'["\\n\\n", "def "]\'.') from None
+        if not (isinstance(stops, list) and stops and all(isinstance(s, str) and s for s in stops)):
+            raise UserError(f"--stop={value!r}: a JSON list of stop strings must hold non-empty strings.")
+        return stops
+    return [re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], value)]
+
+
 def warn_long(model, prompts: list[str]) -> None:
     block = model.config.model.block_size
     lengths = [len(ids) for ids in model.tokenizer.encode_batch(prompts)]
@@ -81,10 +101,11 @@ def main(argv: list[str]) -> None:
     prompts = read_prompts(cfg)
     if cfg.output and not Path(cfg.output).parent.is_dir():
         raise UserError(f"--output {cfg.output}: the folder {Path(cfg.output).parent} does not exist.")
+    stop = parse_stop(cfg.stop)
     model = load(cfg.checkpoint, None if cfg.step < 0 else cfg.step, None if cfg.dtype == "checkpoint" else cfg.dtype)
     warn_long(model, prompts)
     controls = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                    top_p=cfg.top_p, seed=cfg.seed)
+                    top_p=cfg.top_p, seed=cfg.seed, stop=stop or None)
 
     if cfg.stream and sys.stdout.isatty() and len(prompts) == 1 and cfg.num_samples == 1 and not cfg.output:
         print(prompts[0], end="", flush=True)

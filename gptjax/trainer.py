@@ -29,6 +29,8 @@ from gptjax.checkpoint import CHECKPOINTS, Checkpointer
 from gptjax.config import Config
 from gptjax.options import from_dict, to_dict, to_toml
 from gptjax.errors import UserError
+from gptjax.eval.score import Scorer
+from gptjax.eval.tasks import read_tasks, score_task
 from gptjax.generate import generate_ids
 from gptjax.metrics import MetricsLog, Progress, Rate, flops_per_token, fmt_time, peak_flops
 from gptjax.model import GPT, count_params
@@ -148,6 +150,15 @@ def out_of_memory_error(cfg: Config, error: Exception) -> UserError:
                      + ". Checkpoints already written are intact.")
 
 
+def _read_tasks(spec: str, tok, block_size: int, log) -> list:
+    tasks = read_tasks(spec, tok, block_size) if spec else []
+    for task in tasks:
+        log(f"eval task {task.name}: {len(task.examples):,} {task.kind.replace('_', ' ')} examples from {task.path}")
+        if task.warning():
+            log(task.warning())
+    return tasks
+
+
 class Trainer:
     def __init__(self, cfg: Config, log=print):
         distributed.initialize(cfg.dist)  # first: JAX's multi-process runtime starts before any computation
@@ -164,6 +175,10 @@ class Trainer:
         t = cfg.train
         run_dir = Path(cfg.out_dir)
         self.ckpt = self.metrics_log = None
+        # task files are read before any data is prepared, so that their mistakes cost nothing; a
+        # tokenizer learned from the corpus is known only once the data is, so then after it
+        known_tok = source_tok or (None if cfg.data.tokenizer == "bpe" else get_tokenizer(cfg.data.tokenizer))
+        self.tasks = _read_tasks(t.eval_tasks, known_tok, cfg.model.block_size, log) if known_tok else []
 
         # open (and so create) the checkpoint folder only once the inputs have been checked
         existing = (run_dir / CHECKPOINTS).is_dir()
@@ -189,6 +204,8 @@ class Trainer:
                                                                     tokenizer=source_tok))
         data_lib.check_fits(self.ds, cfg.model.block_size)
         self.tok = self.ds.tokenizer
+        if known_tok is None:
+            self.tasks = _read_tasks(t.eval_tasks, self.tok, cfg.model.block_size, log)
         cfg = resolve(cfg, self.tok, given_vocab)  # the size a learned tokenizer has
         if latest is not None and self.tok.ranks_text:
             _check_same_tokenizer(saved, self.tok, run_dir)
@@ -230,7 +247,7 @@ class Trainer:
         self.strategy = STRATEGIES[t.parallel](self.graphdef, tx, cfg.model.dropout, self.devices,
                                                t.on_nonfinite == "skip", loss_chunk=t.loss_chunk, remat=t.remat)
         self.state = self.strategy.put_state({"params": params, "opt_state": opt_state, "step": jnp.int32(self.start)})
-        self.history = {"loss": {}, "val_loss": {}, "val_bpb": {}, "skipped": []}
+        self.history = {"loss": {}, "val_loss": {}, "val_bpb": {}, "skipped": [], "tasks": {}}
         self.progress = Progress(t.max_steps, log)
         self.last_val = None
         self.window_losses, self.window_tokens, self.window_bytes = [], 0, 0
@@ -249,14 +266,29 @@ class Trainer:
         bpb = bits_per_byte(val, t.eval_batches * self.micro * cfg.model.block_size, self.val_bytes)
         self.history["val_loss"][self.done] = self.last_val = val
         self.history["val_bpb"][self.done] = bpb
-        self.metrics_log.write({"step": self.done, "tokens": self.done * self.tokens_per_step, "val_loss": val,
-                                "val_bpb": bpb, "elapsed_s": self.elapsed()})
-        self.progress.line(f"step {self.done:>6} | val loss {val:.4f} | val {bpb:.4f} bits/byte")
+        record = {"step": self.done, "tokens": self.done * self.tokens_per_step, "val_loss": val, "val_bpb": bpb,
+                  "elapsed_s": self.elapsed()}
+        shown = f"step {self.done:>6} | val loss {val:.4f} | val {bpb:.4f} bits/byte"
+        if self.tasks:
+            figures = self.score_tasks()
+            self.history["tasks"][self.done] = figures
+            for name, values in figures.items():
+                record.update({f"{name}/{k}": v for k, v in values.items()})
+                shown += f" | {name} " + " ".join(f"{k} {v:.4f}" for k, v in values.items())
+        self.metrics_log.write(record)
+        self.progress.line(shown)
         return val
 
     def elapsed(self) -> float:
         """Seconds of training so far, over every start of the run (a resumed run goes on counting)."""
         return self.elapsed_before + (time.time() - self.t_start if hasattr(self, "t_start") else 0.0)
+
+    def score_tasks(self) -> dict[str, dict[str, float]]:
+        """Each eval task's figures (acc, and acc_norm or perplexity) with the parameters of this step."""
+        params = self.strategy.host_params(self.state)  # every process takes part, and each scores alike
+        scorer = Scorer(self.graphdef, params, self.cfg.model.block_size, self.t.batch_size)
+        return {task.name: {k: v for k, v in score_task(scorer, task).items() if k in ("acc", "acc_norm", "perplexity")}
+                for task in self.tasks}
 
     def save(self, val_loss: float | None) -> None:
         host = self.strategy.get_state(self.state)

@@ -12,7 +12,9 @@ from gptjax.cpu import tune_for_cpu  # noqa: E402
 tune_for_cpu(reuse_memory=False)
 
 import dataclasses  # noqa: E402
+import json  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -47,3 +49,19 @@ def tiny_config(out_dir, corpus, **train) -> Config:
             **train,
         ),
     )
+
+
+@pytest.fixture(scope="session")
+def task_run(tmp_path_factory) -> SimpleNamespace:
+    """A tiny model trained 6 steps that scored a multiple-choice task file at each evaluation (steps 0, 3
+    and 6), trained once for the evaluation tests: its run directory, corpus, task file and history."""
+    from gptjax.trainer import train
+
+    root = tmp_path_factory.mktemp("task_run")
+    corpus = make_corpus(root / "corpus")
+    task = root / "mc.jsonl"
+    task.write_text("".join(json.dumps({"ctx": f"_{i}_3(x):\n    return x *", "endings": [" 3", " 7"], "label": 0})
+                            + "\n" for i in range(5)))
+    history = train(tiny_config(root / "run", corpus, max_steps=6, eval_interval=3, ckpt_interval=6,
+                                eval_tasks=str(task)), log=lambda m: None)
+    return SimpleNamespace(run=root / "run", corpus=corpus, task=task, history=history)

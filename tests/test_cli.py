@@ -81,6 +81,17 @@ def test_train_then_sample(corpus, tmp_path):
     assert (lines[0]["prompt"] + lines[0]["completion"]).strip("\n") == samples[0].strip("\n")
     assert {k: lines[1][k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")} == \
         {"max_new_tokens": 16, "temperature": 0.0, "top_k": 200, "top_p": 1.0, "seed": 0}
+    # stop strings: each prompt's completion ends before its first one (two characters of the first's, a newline)
+    stops = [lines[0]["completion"][4:6], "\n"]
+    stopped = tmp_path / "stopped.jsonl"
+    proc = run("sample.py", f"--checkpoint={out}", f"--prompts_file={prompts}", f"--output={stopped}",
+               "--max_new_tokens=16", "--temperature=0", f"--stop={json.dumps(stops)}")
+    assert proc.returncode == 0, proc.stderr
+    cut = [json.loads(line) for line in stopped.read_text().splitlines()]
+    assert [c["stop"] for c in cut] == [stops] * 2
+    expected = [min((t[:t.find(s)] for s in stops if s in t), key=len, default=t) for t in
+                (line["completion"] for line in lines)]
+    assert [c["completion"] for c in cut] == expected and len(expected[0]) <= 4
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def \nclass \n")
     proc = run("sample.py", f"--checkpoint={out}", f"--prompts_file={prompts}", "--num_samples=2",
@@ -128,7 +139,7 @@ def test_bad_checkpoint_errors(tmp_path):
     assert_user_error(run("sample.py", f"--checkpoint={tmp_path / 'empty_run'}"), "holds no checkpoint")
 
 
-@pytest.mark.parametrize("args", [["--temperature=-1"], ["--num_samples=0"], ["--bogus=1"]])
+@pytest.mark.parametrize("args", [["--temperature=-1"], ["--num_samples=0"], ["--bogus=1"], ['--stop=["a"']])
 def test_bad_sample_options(args, tmp_path):
     assert run("sample.py", f"--checkpoint={tmp_path}", *args).returncode == 2
 

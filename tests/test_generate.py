@@ -133,3 +133,44 @@ def test_load_and_generate_text(corpus, tmp_path):
     texts = model.generate(["def ", "    return x"], max_new_tokens=10, temperature=0)
     assert isinstance(texts, list) and len(texts) == 2
     assert texts[0] == model.generate("def ", max_new_tokens=10, temperature=0)
+
+
+def test_stop_strings_end_each_prompt_of_a_ragged_batch_without_compiling():
+    from test_pretrained import byte_model
+
+    m = byte_model()
+    prompts = ["a", "bcdefgh", "ij"]
+    kw = dict(max_new_tokens=40, temperature=1.0, top_k=0, seed=11)
+    free = m.generate(prompts, **kw)
+    # stop strings that each row meets at a different place: two characters from row 1's text, one from row 2's
+    stops = [free[1][12:14], free[2][5]]
+    cuts = [min((i for i in (t.find(s) for s in stops) if i >= 0), default=len(t)) for t in free]
+    assert len(set(cuts)) > 1 and min(cuts) < 40 and cuts[1] <= 12 and cuts[2] <= 5
+    stopped = count_compilations(lambda: m.generate(prompts, stop=stops, **kw))
+    got = m.generate(prompts, stop=stops, **kw)
+    assert stopped == 0  # the same compiled prefill and loop: decoding returns every few tokens to look
+    assert got == [t[:c] for t, c in zip(free, cuts)]
+    # a prompt alone (its own samples: a row's draws depend on the batch's shape), streamed
+    alone = m.generate("bcd", **kw)
+    stop = alone[20:22]
+    assert "".join(m.stream("bcd", stop=stop, **kw)) == m.generate("bcd", stop=stop, **kw) == alone[:alone.find(stop)]
+    assert "~~~~" not in alone and m.generate("bcd", stop="~~~~", **kw) == alone  # never met: the whole text
+
+
+def test_should_end_stops_a_row_in_the_compiled_loop():
+    graphdef, params, _ = small()
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11], [42]]
+    # one segment (5 + 24 tokens fit the context): past it, the rows still running are prefilled again as a
+    # smaller batch, whose random draws differ from the full batch's, so the free run is no reference there
+    kw = dict(block_size=32, eot_id=-1, max_new_tokens=24, temperature=0.9, top_k=30, seed=5, chunk=4)
+    free = generate_ids(graphdef, params, prompts, **kw)
+    seen = {0: 0, 1: 0, 2: 0}
+
+    def should_end(r, ids):
+        seen[r] += len(ids)
+        return r != 1 and seen[r] >= 5  # rows 0 and 2 end after their second piece (1 + 4 tokens)
+
+    pieces = list(stream_ids(graphdef, params, prompts, should_end=should_end, **kw))
+    rows = [sum((p[r] for p in pieces), []) for r in range(3)]
+    assert rows == [free[0][:5], free[1], free[2][:5]]  # the others decode on, unchanged
+    assert all(not p[0] and not p[2] for p in pieces[2:])

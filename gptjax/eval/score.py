@@ -1,0 +1,131 @@
+"""A model's compiled scoring of token windows: at every position, log p(target | the tokens before
+it in the window) and whether the target was the model's first choice.
+
+Windows go through in batches of one shape, so a run compiles once per shape: text scoring uses
+full context windows only; task requests (a context and a continuation, mostly far shorter than the
+context) are sorted by length and padded to a power of two, a handful of shapes. The output layer
+is applied a chunk of positions at a time (`lax.map`), so the batch's float32 logits over the
+vocabulary never exist at once; the arithmetic is the model's own (`wte.attend` on `ln_f`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptjax.generate import bucket
+
+LOGITS_CHUNK = 2048  # positions whose logits exist at once
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk"))
+def _score(params, x_BT, y_BT, *, graphdef, chunk: int):
+    model = nnx.merge(graphdef, params)
+    V = model.cfg.vocab_size
+    h_BTD = model.ln_f(model.features(x_BT))
+    B, T, D = h_BTD.shape
+    t = max(1, min(T, chunk // B))
+    C = -(-T // t)
+    pad = C * t - T
+    h_BTD, y_BT = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))), jnp.pad(y_BT, ((0, 0), (0, pad)))
+    h_CBtD = jnp.moveaxis(h_BTD.reshape(B, C, t, D), 1, 0)
+    y_CBt = jnp.moveaxis(y_BT.reshape(B, C, t), 1, 0)
+
+    def one_chunk(args):
+        h_BtD, y_Bt = args
+        logits_BtV = model.wte.attend(h_BtD).astype(jnp.float32)[..., :V]  # padded ids are never predicted
+        top_Bt = jnp.max(logits_BtV, axis=-1)  # the log-sum-exp's shift, and the greedy test: one pass, not two
+        target_Bt = jnp.take_along_axis(logits_BtV, y_Bt[..., None], axis=-1)[..., 0]
+        logz_Bt = top_Bt + jnp.log(jnp.sum(jnp.exp(logits_BtV - top_Bt[..., None]), axis=-1))
+        return target_Bt - logz_Bt, target_Bt >= top_Bt
+
+    logp_CBt, greedy_CBt = jax.lax.map(one_chunk, (h_CBtD, y_CBt))
+    unchunk = lambda a: jnp.moveaxis(a, 0, 1).reshape(B, C * t)[:, :T]  # noqa: E731
+    return unchunk(logp_CBt), unchunk(greedy_CBt)
+
+
+class Window(NamedTuple):
+    """Inputs x and targets y (equal lengths, at most the context); positions first..end-1 are scored."""
+
+    tag: object
+    x: np.ndarray
+    y: np.ndarray
+    first: int
+    end: int
+
+
+class Scored(NamedTuple):
+    tag: object
+    logp: np.ndarray  # float32, the scored positions only
+    greedy: np.ndarray  # bool: the target was the most likely token
+
+
+class Scorer:
+    """Scores windows of token ids with the parameters `params` of the model `graphdef`, `batch_size`
+    windows at a time."""
+
+    def __init__(self, graphdef, params, block_size: int, batch_size: int = 8, chunk: int = LOGITS_CHUNK):
+        self.graphdef, self.params = graphdef, jax.device_put(params)  # on the device once, not at every batch
+        self.block_size, self.batch_size, self.chunk = block_size, batch_size, chunk
+
+    def _dispatch(self, windows: list[Window], length: int):
+        """Start scoring a batch (padded to `length` positions and batch_size rows); `_collect` waits for it."""
+        x = np.zeros((self.batch_size, length), np.int32)
+        y = np.zeros((self.batch_size, length), np.int32)
+        for i, w in enumerate(windows):
+            x[i, :len(w.x)], y[i, :len(w.y)] = w.x, w.y
+        return windows, _score(self.params, x, y, graphdef=self.graphdef, chunk=self.chunk)
+
+    @staticmethod
+    def _collect(pending) -> list[Scored]:
+        windows, (logp, greedy) = pending
+        logp, greedy = np.asarray(logp), np.asarray(greedy)
+        return [Scored(w.tag, logp[i, w.first:w.end], greedy[i, w.first:w.end]) for i, w in enumerate(windows)]
+
+    def _pipelined(self, batches: Iterable[tuple[list[Window], int]]) -> Iterator[Scored]:
+        """Scores of (batch, length) pairs in order; a batch's results are read once the next one is
+        dispatched, so reading documents and cutting windows overlap the model's work."""
+        pending = None
+        for batch, length in batches:
+            started = self._dispatch(batch, length)
+            if pending is not None:
+                yield from self._collect(pending)
+            pending = started
+        if pending is not None:
+            yield from self._collect(pending)
+
+    def windows(self, windows: Iterable[Window]) -> Iterator[Scored]:
+        """Each window's scores, in order, from batches of full-context windows (one compilation)."""
+        def batches():
+            batch: list[Window] = []
+            for w in windows:
+                batch.append(w)
+                if len(batch) == self.batch_size:
+                    yield batch, self.block_size
+                    batch = []
+            if batch:
+                yield batch, self.block_size
+
+        return self._pipelined(batches())
+
+    def requests(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(log-likelihood of the continuation given the context, whether it is the greedy continuation)
+        for each (context ids, continuation ids); the context holds at least one id and the two together
+        at most block_size + 1. Sorted by length and padded to powers of two: a few compilations."""
+        windows = []
+        for i, (ctx, cont) in enumerate(requests):
+            seq = np.asarray(list(ctx) + list(cont), np.int32)
+            windows.append(Window(i, seq[:-1], seq[1:], len(ctx) - 1, len(seq) - 1))
+        windows.sort(key=lambda w: -len(w.x))
+        batches = ((windows[i:i + self.batch_size], bucket(len(windows[i].x), self.block_size))
+                   for i in range(0, len(windows), self.batch_size))
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        for s in self._pipelined(batches):
+            out[s.tag] = (float(np.sum(s.logp, dtype=np.float64)), bool(np.all(s.greedy)))
+        return out
