@@ -181,7 +181,8 @@ def test_training_scores_tasks_and_the_command_line_evaluates(task_run, tmp_path
         from gptjax.plot import plot
 
         png = plot([run], tmp_path / "loss.png").read_bytes()
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 18 * 120
+        # three loss panels (steps, tokens, seconds), 6 inches each at 120 dpi, and the tasks' fourth
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 4 * 6 * 120
 
     out = tmp_path / "figures.json"
     proc = run_eval(run, f"--text={corpus}/doc00*.py", "--stride=8", f"--task={task}", f"--output={out}")
