@@ -95,11 +95,10 @@ def _adopt_source_model(cfg: Config):
     from gptjax.pretrained import load
 
     src = load(cfg.train.init_from)
-    if src.tokenizer.name != cfg.data.tokenizer:
-        raise UserError(f"--train.init_from={cfg.train.init_from} was trained with the {src.tokenizer.name} tokenizer, "
-                        f"but this run uses {cfg.data.tokenizer}; pass --data.tokenizer={src.tokenizer.name}.")
+    # a model reads only its own tokens: the fine-tune takes its source's tokenizer, whatever the preset's
+    data = dataclasses.replace(cfg.data, tokenizer=src.tokenizer.name)
     model = dataclasses.replace(src.config.model, dropout=cfg.model.dropout, dtype=cfg.model.dtype)
-    return dataclasses.replace(cfg, model=model), src.params, src.tokenizer
+    return dataclasses.replace(cfg, model=model, data=data), src.params, src.tokenizer
 
 
 def train(cfg: Config, log=print, stop_after: int | None = None) -> dict:
@@ -148,6 +147,16 @@ def out_of_memory_error(cfg: Config, error: Exception) -> UserError:
     options.append(f"a smaller --model.block_size (now {m.block_size}) or --model.n_layer (now {m.n_layer})")
     return UserError(f"the device ran out of memory ({first_line}). Options that need less: " + "; ".join(options)
                      + ". Checkpoints already written are intact.")
+
+
+# a real line of the standard library (codecs.py), the end-of-training sample's prompt on the default corpus
+STDLIB_PROMPT = "def open(filename, mode='r', encoding=None, errors='strict', buffering=-1):\n"
+
+
+def final_sample_prompt(cfg: Config) -> str:
+    if cfg.train.sample_prompt:
+        return cfg.train.sample_prompt.replace("\\n", "\n")
+    return STDLIB_PROMPT if not cfg.data.corpus and not cfg.data.dir else ""
 
 
 def _read_tasks(spec: str, tok, block_size: int, log) -> list:
@@ -401,10 +410,11 @@ class Trainer:
             tok = self.tok
             params = self.strategy.host_params(self.state)  # every process takes part; process 0 samples
             if distributed.is_primary():
-                ids = generate_ids(self.graphdef, params, [[tok.eot_id]], block_size=self.cfg.model.block_size,
-                                   eot_id=tok.eot_id, max_new_tokens=t.sample_tokens, temperature=0.8, top_k=200,
-                                   seed=t.seed)[0]
-                log("sample:\n" + tok.decode(ids))
+                prompt = final_sample_prompt(self.cfg)
+                ids = generate_ids(self.graphdef, params, [[tok.eot_id, *tok.encode(prompt)]],
+                                   block_size=self.cfg.model.block_size, eot_id=tok.eot_id,
+                                   max_new_tokens=t.sample_tokens, temperature=0.8, top_k=200, seed=t.seed)[0]
+                log("sample:\n" + prompt + tok.decode(ids))
         self.history.update(params=self.n_params, step_compilations=self.strategy.traces,
                             interrupted=self.interrupted, final_step=self.done)
         return self.history
