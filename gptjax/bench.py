@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     quality.add_argument("--budget", type=float, default=300, help="seconds of training steps per arm (default: 300)")
     quality.add_argument("--arms", default="gpt2,rope,rmsnorm,qk_norm,relu2,swiglu,untied,no_bias,gqa,muon,bpe8k",
                          help="comma-separated arms: names of levers on top of the GPT-2 baseline (joined with + to "
-                              "combine), or NAME:OPTIONS for options of its own ('modern:--config=modern'); the "
+                              "combine), or NAME:OPTIONS for options of its own ('old:--config=cpu-gpt2'); the "
                               "first is the reference of the last column (default: the baseline and every lever)")
     quality.add_argument("--half", action="store_true", help="also run the last arm in half the budget")
     quality.add_argument("--out", default="out/quality", help="where the runs and quality.json go (default: "

@@ -1,7 +1,8 @@
 """`python -m gptjax.bench quality`: how good a model each option gives in a fixed wall-clock budget.
 
 Each arm is a set of train.py options on top of a baseline, GPT-2's architecture with AdamW and
-GPT-2's tokenizer at the CPU default's shape (what `python train.py` ran before the modern options).
+GPT-2's tokenizer at the CPU shape (the cpu-gpt2 preset, what `python train.py` ran before the
+modern options), or options of its own on top of a preset.
 For each arm the training step is timed first (the trainer's own step on random tokens, as `bench
 train` does), the number of steps that fits the budget is set (warm-up 8% of them, cosine decay to
 the end), and train.py runs it on the default corpus. Then every arm is scored on the same text: the
@@ -29,12 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# The baseline: the CPU default as it was (GPT-2 architecture, tokenizer and AdamW), stated in full so
-# that it does not move when the defaults do.
-BASELINE = ["--data.tokenizer=gpt2", "--model.n_layer=4", "--model.n_head=4", "--model.n_embd=192",
-            "--model.block_size=128", "--model.pos_encoding=learned", "--model.norm=layernorm", "--model.mlp=gelu",
-            "--model.qk_norm=false", "--model.n_kv_head=0", "--model.tie_embeddings=true", "--model.bias=true",
-            "--train.optimizer=adamw", "--train.batch_size=8", "--train.lr=2e-3", "--train.min_lr=1e-4"]
+# The baseline: the CPU default as it was (GPT-2 architecture, tokenizer and AdamW), the cpu-gpt2 preset.
+BASELINE = ["--config=cpu-gpt2"]
 ARMS = {
     "gpt2": [],
     "rope": ["--model.pos_encoding=rope"],
@@ -52,11 +49,11 @@ ARMS = {
 
 def arm_options(spec: str) -> list[str]:
     """All train.py options of an arm: NAME (from ARMS) or NAME+NAME+... on top of the baseline, or a
-    name and options of its own after a colon, on top of the CPU preset ('modern:--config=modern')."""
+    name and options of its own after a colon, on top of the CPU preset ('old:--config=cpu-gpt2')."""
     if ":" in spec:
         raw = spec.partition(":")[2].split()
         return raw if any(o.startswith("--config") for o in raw) else ["--config=cpu", *raw]
-    options = ["--config=cpu", *BASELINE]
+    options = list(BASELINE)
     for part in spec.split("+"):
         if part not in ARMS:
             raise SystemExit(f"error: unknown arm {part!r}; known: {', '.join(ARMS)}, or NAME:--options ...")

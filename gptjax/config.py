@@ -143,6 +143,8 @@ class TrainConfig:
                                                   "matrix products; none keeps everything (fastest)")
     on_nonfinite: Literal["stop", "skip"] = opt("stop", "a NaN or infinite loss or gradient: stop the run, or skip that update")
     sample_tokens: int = opt(120, "tokens to sample at the end of training; 0 for none")
+    sample_prompt: str = opt("", "the prompt of that sample (\\n for a new line); empty: a real line of the "
+                                 "standard library on the default corpus, a document's start on any other")
     wandb: str = opt("", "log to Weights & Biases: the project's name (pip install \"gptjax[wandb]\"); empty: off. "
                          "WANDB_MODE=offline keeps the run in <out_dir>/wandb/ for wandb sync")
     wandb_name: str = opt("", "the W&B run's name; empty: the name of out_dir")
@@ -187,7 +189,9 @@ class DistConfig:
 
 @dataclass(frozen=True)
 class Config:
-    config: str = opt("", "a preset: a name in configs/ (cpu, char, gpt2-124m, …) or a path to a .toml file")
+    config: str = opt("", "a preset: a name in configs/ (cpu, cpu-gpt2, char, gpt2-124m, …) or a path to a .toml "
+                          "file. train.py takes cpu when none is given; --config= takes none, which leaves the base "
+                          "defaults (those of cpu-gpt2)")
     out_dir: str = opt("out/run", "run directory: checkpoints, metrics, prepared data")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -242,16 +242,19 @@ def help_text(cls, prog: str, current=None, intro: str = "", keys=None) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str], prog: str = "train.py", intro: str = "", sections: tuple[str, ...] = ()) -> Config:
-    """Defaults, then the preset named by --config, then the other overrides, in that order.
+def parse_args(argv: list[str], prog: str = "train.py", intro: str = "", sections: tuple[str, ...] = (),
+               default_preset: str = "") -> Config:
+    """Defaults, then the preset named by --config (or `default_preset` without one; `--config=` for
+    none), then the other overrides, in that order.
 
     `sections` limits the command line to those sections' options (and the top-level ones)."""
     specs = flat_fields(Config)
     if sections:
         specs = {k: v for k, v in specs.items() if "." not in k or k.split(".")[0] in sections}
     raw, want_help = split_args(argv, specs)
+    raw.setdefault("config", default_preset)
     flat: dict[str, Any] = {}
-    if raw.get("config"):
+    if raw["config"]:
         preset = from_dict(Config, load_preset(raw["config"]), where=f" in preset {raw['config']!r}")
         flat.update(to_flat(preset))
     for key, value in raw.items():

@@ -20,7 +20,7 @@ INTRO = ("Pretrain a GPT on a text corpus. With no options: a small model on the
 @cli
 def main(argv: list[str]) -> None:
     tune_for_cpu()  # before JAX starts its runtime
-    history = train(parse_args(argv, prog="train.py", intro=INTRO))
+    history = train(parse_args(argv, prog="train.py", intro=INTRO, default_preset="cpu"))
     if history["interrupted"]:  # saved and stopped on a signal: exit as that signal would, 128 + its number
         sys.exit(128 + getattr(signal, history["interrupted"]))
 

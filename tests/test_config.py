@@ -14,6 +14,10 @@ from gptjax.errors import UserError
 def test_defaults_and_overrides():
     cfg = parse_args([])
     assert cfg == Config()
+    # train.py's own default is the cpu preset; --config= asks for none
+    assert parse_args([], default_preset="cpu") == dataclasses.replace(from_dict(Config, load_preset("cpu")),
+                                                                      config="cpu")
+    assert parse_args(["--config="], default_preset="cpu") == Config()
     cfg = parse_args(["--model.n_layer=3", "--model.n-head", "3", "--model.n_embd=96", "--train.resume",
                       "--data.tokenizer=byte", "--train.lr=1e-4", "--out-dir=x"])
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (3, 3, 96)
@@ -58,8 +62,15 @@ def test_invalid_values_are_refused():
         parse_args(["positional"])
 
 
-def test_cpu_preset_spells_out_the_defaults():
-    assert from_dict(Config, load_preset("cpu")) == Config()
+def test_cpu_gpt2_preset_spells_out_the_defaults():
+    assert from_dict(Config, load_preset("cpu-gpt2")) == dataclasses.replace(Config(), out_dir="out/cpu-gpt2")
+
+
+def test_cpu_preset_is_the_modern_run():
+    cfg = from_dict(Config, load_preset("cpu"))
+    assert (cfg.model.pos_encoding, cfg.model.norm, cfg.model.mlp, cfg.data.tokenizer, cfg.train.optimizer) == \
+        ("rope", "rmsnorm", "relu2", "bpe", "muon")
+    assert not cfg.model.is_gpt2() and Config().model.is_gpt2()
 
 
 @pytest.mark.parametrize("name", ["cpu", "char", "gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b"])

@@ -21,7 +21,8 @@ def main(argv: list[str]) -> None:
         return
     if argv[0] != "prepare":
         raise UserError(f"unknown command {argv[0]!r}; the command is: python -m gptjax.data prepare [options].")
-    cfg = parse_args(argv[1:], prog="python -m gptjax.data prepare", intro=INTRO, sections=("data",))
+    cfg = parse_args(argv[1:], prog="python -m gptjax.data prepare", intro=INTRO, sections=("data",),
+                     default_preset="cpu")
     return_large_blocks()  # flat memory however long the preparation (train.py's process keeps its own settings)
     folder = Path(cfg.data.dir) if cfg.data.dir else Path(cfg.out_dir) / "data"
     if "," in cfg.data.dir:
