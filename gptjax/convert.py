@@ -20,6 +20,7 @@ import json
 import re
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -38,6 +39,9 @@ EPSILON = 1e-5  # gptjax's LayerNorm epsilon (model.py)
 # the causal-mask buffers that older HF checkpoints store beside the weights; they carry no parameters
 _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
 _INSTALL = 'pip install "gptjax[hf]"'
+# what safetensors, PyTorch and pickle say of a file that ends early
+_CUT_SHORT = ("incomplete metadata", "file not fully covered", "header too small", "central directory",
+              "unexpected EOF", "truncated", "unpack requires")
 USAGE = ("usage: python -m gptjax.convert from-hf HF_DIR OUT_DIR\n"
          "       python -m gptjax.convert to-hf RUN_DIR HF_DIR [--step=N]\n"
          "HF_DIR is a local GPT2LMHeadModel folder (config.json plus model.safetensors or pytorch_model.bin).")
@@ -118,6 +122,38 @@ def _load_file(path: Path) -> dict:
     return {k: v.float().numpy() for k, v in tensors.items()}
 
 
+def _cut_short(path: Path, error: Exception) -> bool:
+    """Whether `path` ends early: the reader said so, or (pytorch_model.bin is a zip archive) the archive
+    is not whole."""
+    if isinstance(error, EOFError) or any(m in str(error) for m in _CUT_SHORT):
+        return True
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    if not is_zip:
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is not None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return True
+
+
+def _unreadable(path: Path, error: Exception) -> UserError:
+    text = str(error)
+    if _cut_short(path, error):
+        return UserError(f"{path} cannot be read: it ends early, as a download or copy that was cut short does; "
+                         "is it complete? Fetch it again.")
+    if "Weights only load failed" in text:  # PyTorch's loader met a Python object, not a tensor
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        named = f" (it names {named.group(1)})" if named else ""
+        return UserError(f"{path} holds objects other than tensors{named}. Unpickling them could run code, so the "
+                         "file will not be loaded. Use a safetensors copy of these weights instead (model.safetensors "
+                         "holds tensors only): from the model's publisher, or written with transformers' "
+                         "save_pretrained(..., safe_serialization=True) by someone who trusts this file.")
+    first_line = (text.strip().splitlines() or [""])[0][:200]
+    return UserError(f"{path} cannot be read ({type(error).__name__}: {first_line}).")
+
+
 def read_tensors(hf_dir: Path) -> tuple[dict, str]:
     """All tensors of the folder (one file or shards listed by an index), names without 'transformer.'."""
     for name in ("model.safetensors", "pytorch_model.bin"):
@@ -133,7 +169,7 @@ def read_tensors(hf_dir: Path) -> tuple[dict, str]:
                 except (UserError, KeyboardInterrupt):
                     raise
                 except Exception as e:  # safetensors and torch raise several kinds on a damaged file
-                    raise UserError(f"{f} cannot be read ({type(e).__name__}: {e}); is it complete?") from None
+                    raise _unreadable(f, e) from None
                 tensors.update({k.removeprefix(HF_PREFIX): v for k, v in loaded.items()})
             return tensors, str(hf_dir / name)
     present = ", ".join(sorted(p.name for p in hf_dir.iterdir()))
