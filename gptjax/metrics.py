@@ -76,15 +76,16 @@ def _watch(threads) -> None:
 class MetricsLog:
     """Appends JSON lines; on resume, drops lines past the checkpoint so steps are not repeated."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None):
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: Path, resume_step: int | None, then: str = "run the same command again"):
+        """`then` says what to do once a full disk is fixed (for a trainer: resume)."""
+        self.path, self.then = run_dir / "metrics.jsonl", then
         keep = []
         if resume_step is not None and self.path.exists():
             keep = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step]
         text = "".join(json.dumps(r) + "\n" for r in keep)
         tmp = self.path.with_name(self.path.name + ".tmp")  # the old log stays whole if this cannot be written
         try:
-            with disk.writing(self.path, "the metrics log", len(text)):
+            with disk.writing(self.path, "the metrics log", len(text), then=then):
                 tmp.write_text(text)
                 os.replace(tmp, self.path)
         finally:
@@ -95,7 +96,7 @@ class MetricsLog:
         except ImportError:
             return
         before = set(threading.enumerate())
-        with disk.writing(run_dir / "tensorboard", "the TensorBoard events"):
+        with disk.writing(run_dir / "tensorboard", "the TensorBoard events", then=then):
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         self.tb_threads = {t for t in set(threading.enumerate()) - before  # the thread that writes its files
                            if type(t).__module__.startswith("tensorboardX")}
@@ -103,7 +104,7 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         line = memoryview((json.dumps(record) + "\n").encode())
-        with disk.writing(self.path, "the metrics log", len(line)):
+        with disk.writing(self.path, "the metrics log", len(line), then=self.then):
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 start = os.lseek(fd, 0, os.SEEK_END)
@@ -119,7 +120,8 @@ class MetricsLog:
             self.tb = None  # its writer thread is gone: a record added now would wait for it forever
             failure = next((_failures[t] for t in self.tb_threads if t in _failures), None)
             if failure is not None:
-                raise disk.write_error(failure, self.path.parent / "tensorboard", "the TensorBoard events")
+                raise disk.write_error(failure, self.path.parent / "tensorboard", "the TensorBoard events",
+                                       then=self.then)
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -130,7 +132,7 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.tb is not None and self._tb_alive():
-            with disk.writing(self.path.parent / "tensorboard", "the TensorBoard events"):
+            with disk.writing(self.path.parent / "tensorboard", "the TensorBoard events", then=self.then):
                 self.tb.close()
 
 

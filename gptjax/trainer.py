@@ -177,7 +177,7 @@ class Trainer:
             text = to_toml(cfg)
             with disk.writing(run_dir / "config.toml", "the run's config", len(text)):
                 (run_dir / "config.toml").write_text(text)
-            self.metrics_log = MetricsLog(run_dir, self.start if latest is not None else None)
+            self.metrics_log = MetricsLog(run_dir, self.start if latest is not None else None, then=after_failure)
         else:
             self.metrics_log = distributed.Silent()
 
