@@ -201,7 +201,10 @@ class Checkpointer:
         if jax.process_index() == 0:
             remove_partial(self.directory)
         intact = list_steps(self.directory)
-        kept = (f"checkpoints of steps {', '.join(map(str, intact))} are intact" if intact
+        if intact:  # what one really takes on this disk: the arrays' bytes, plus a block per small file
+            needed = max(needed, disk.used_bytes(self.directory / str(intact[-1])))
+        kept = (f"the checkpoint{'s' * (len(intact) > 1)} of step{'s' * (len(intact) > 1)} "
+                f"{', '.join(map(str, intact))} {'are' if len(intact) > 1 else 'is'} intact" if intact
                 else "no earlier checkpoint was written")
         return disk.write_error(error, self.directory, f"the checkpoint of step {step}", needed,
                                 done=f"Its partial folder was removed; {kept}.", then=self.then)

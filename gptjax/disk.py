@@ -55,6 +55,18 @@ def free_bytes(path: str | Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def used_bytes(folder: str | Path) -> int:
+    """What the files under `folder` occupy on its disk (allocated blocks, not their lengths)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:  # removed meanwhile
+                pass
+    return total
+
+
 def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "an unknown amount"
