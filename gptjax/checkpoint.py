@@ -5,19 +5,35 @@ Parameters and optimizer state are saved as flat dicts keyed by their tree paths
 whatever the device layout that wrote them. `meta` is JSON: step, the full config, the
 tokenizer name and the data fingerprint. Orbax writes each step into a temporary folder
 and renames it when complete, so a crash mid-save never hides the last good checkpoint.
+
+A step folder, once it has its name, is complete and never changes; it can only disappear,
+when the run's retention deletes it. Readers need no lock: a read that fails is reported
+as "vanished" when the folder is gone and as "corrupt" only when it is still there.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import shutil
+import time
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from gptjax import disk
 from gptjax.errors import UserError
 
 CHECKPOINTS = "checkpoints"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a checkpoint being written
+VANISH_GRACE_S = 2.0  # how long a deletion in progress may take to remove a step folder
+
+
+class CheckpointVanished(UserError):
+    """A checkpoint that was deleted (by a training run's retention, say) while it was being read."""
 
 
 def path_name(path) -> str:
@@ -40,17 +56,110 @@ def _abstract(tree, device=None):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), flatten(tree))
 
 
+def checkpoint_bytes(*trees) -> int:
+    """What the arrays of `trees` (arrays or shape/dtype structs) take on disk, uncompressed: a
+    checkpoint's size is its parameters' and its optimizer state's."""
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for t in trees for x in jax.tree.leaves(t))
+
+
+def list_steps(ckpt_dir: Path) -> list[int]:
+    """The complete checkpoints in a checkpoints/ folder, as they are on disk now."""
+    try:
+        return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit() and p.is_dir())
+    except FileNotFoundError:
+        return []
+
+
+def remove_partial(ckpt_dir: Path) -> list[str]:
+    """Delete the temporary folders of checkpoints that were never completed (a failed or killed save);
+    only a run's one writer may call this, when no save is in flight."""
+    removed = []
+    for p in ckpt_dir.glob(f"*{TMP_SUFFIX}") if ckpt_dir.is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    return removed
+
+
+class _WriteFailureReported(logging.Filter):
+    """Orbax logs a failed write with a traceback from each of its threads (six for one full disk);
+    Checkpointer reports it once, as a UserError, so those log records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (disk.is_write_failure(error) if error is not None else disk.is_write_failure(
+            Exception(record.getMessage())))
+
+
+_log_filter = _WriteFailureReported()
+
+
+def _step_error(ckpt_dir: Path, step: int, error: Exception) -> UserError:
+    """A read of `step` failed: vanished if its folder is gone, corrupt if it is still there."""
+    path = ckpt_dir / str(step)
+    steps = list_steps(ckpt_dir)
+    if path.exists() and any(s > step for s in steps):
+        # a newer checkpoint exists, so retention may be deleting this one right now: let it finish
+        deadline = time.monotonic() + VANISH_GRACE_S
+        while path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        steps = list_steps(ckpt_dir)
+    others = ", ".join(str(s) for s in steps if s != step)
+    if not path.exists():
+        now = f" Steps there now: {others}." if others else ""
+        return CheckpointVanished(f"checkpoint {path} vanished while it was being read: it was deleted, most likely by "
+                                  "the retention of a run that is still training there (--train.keep_checkpoints). "
+                                  f"Nothing is wrong with the run; read the newest checkpoint instead (no --step, or "
+                                  f"gptjax.load without step), which is never deleted.{now}")
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    hint = (f" Other checkpoints here: steps {others}; choose one with --step (sample.py, gptjax.load) or move this "
+            "one aside to resume from the one before." if others else "")
+    return UserError(f"checkpoint {path} cannot be read: it is corrupt or does not match this model "
+                     f"({first_line}).{hint}")
+
+
+def _restore(ckpt_dir: Path, step: int, **items):
+    """Read the given items of one step, without scanning (or waiting on) the other steps."""
+    try:
+        reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+        return reader.restore(ckpt_dir / str(step), args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax and tensorstore raise many kinds; all mean "unusable" or "gone"
+        raise _step_error(ckpt_dir, step, e) from None
+
+
+def read_meta(ckpt_dir: Path, step: int) -> dict:
+    return _restore(ckpt_dir, step, meta=ocp.args.JsonRestore())["meta"]
+
+
+def read_state(ckpt_dir: Path, step: int, params_like, opt_state_like=None):
+    """Restore into the structures of the given templates (arrays or shape/dtype structs)."""
+    items = {"params": ocp.args.StandardRestore(_abstract(params_like))}
+    if opt_state_like is not None:
+        items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
+    restored = _restore(ckpt_dir, step, **items)
+    params = unflatten(params_like, restored["params"])
+    opt_state = unflatten(opt_state_like, restored["opt_state"]) if opt_state_like is not None else None
+    return params, opt_state
+
+
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, keep: int = 3, create: bool = True):
+    """A run's checkpoint writer (and, on resume, reader); `then` says what to do after a failed write."""
+
+    def __init__(self, run_dir: str | Path, keep: int = 3, create: bool = True, then: str = "run the same command "
+                 "again"):
         """Keep the `keep` latest checkpoints and, beside them, the one with the lowest validation loss."""
         self.directory = Path(run_dir).absolute() / CHECKPOINTS
+        self.then = then
         policy = cm.AnyPreservationPolicy([
             cm.LatestN(n=keep),
             cm.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
                      keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=create)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        with disk.writing(self.directory, "the checkpoint folder", then=then):
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        logging.getLogger("absl").addFilter(_log_filter)
+        self.in_flight: tuple[int, int] | None = None  # (step, bytes) of the save being written
+        self.failed = False
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -61,52 +170,65 @@ class Checkpointer:
     def save(self, step: int, params, opt_state, meta: dict) -> None:
         """Start saving (asynchronously); call wait() before reading it back or exiting.
 
+        A write that fails (a full disk, say) is reported here or by wait(), whichever comes next.
         An empty `opt_state` ({}, as for converted weights) is left out: orbax refuses empty items.
         """
+        self.wait()  # the previous save: its failure is reported as its own
         items = {"params": ocp.args.StandardSave(flatten(params)), "meta": ocp.args.JsonSave(meta)}
         if flatten(opt_state):
             items["opt_state"] = ocp.args.StandardSave(flatten(opt_state))
         val_loss = meta.get("val_loss")
         metrics = {"val_loss": float(val_loss)} if val_loss is not None else None
-        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
-
-    def read_meta(self, step: int) -> dict:
+        self.in_flight = (step, checkpoint_bytes(params, opt_state) + len(str(meta)))
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
         except Exception as e:
-            raise self.unreadable(step, e) from None
-
-    def unreadable(self, step: int, error: Exception) -> UserError:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        others = [s for s in self.all_steps() if s != step]
-        hint = (f" Other checkpoints here: steps {', '.join(map(str, others))}; choose one with --step "
-                "(sample.py, gptjax.load) or move this one aside to resume from the one before."
-                if others else "")
-        return UserError(f"checkpoint {self.directory / str(step)} cannot be read: it is corrupt or does not "
-                         f"match this model ({first_line}).{hint}")
-
-    def restore(self, step: int, params_like, opt_state_like=None):
-        """Restore into the structures of the given templates (arrays or shape/dtype structs)."""
-        items = {"params": ocp.args.StandardRestore(_abstract(params_like))}
-        if opt_state_like is not None:
-            items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # orbax and tensorstore raise many kinds; all mean "unusable"
-            raise self.unreadable(step, e) from None
-        params = unflatten(params_like, restored["params"])
-        opt_state = unflatten(opt_state_like, restored["opt_state"]) if opt_state_like is not None else None
-        return params, opt_state
+            raise self._write_failed(e) from None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._write_failed(e) from None
+        self.in_flight = None
+
+    def _write_failed(self, error: Exception) -> Exception:
+        """A save that the disk refused: remove its partial folder and say what is left; other errors as they are."""
+        if not disk.is_write_failure(error) or self.in_flight is None:
+            return error
+        step, needed = self.in_flight
+        self.in_flight, self.failed = None, True
+        if jax.process_index() == 0:
+            remove_partial(self.directory)
+        intact = list_steps(self.directory)
+        if intact:  # what one really takes on this disk: the arrays' bytes, plus a block per small file
+            needed = max(needed, disk.used_bytes(self.directory / str(intact[-1])))
+        kept = (f"the checkpoint{'s' * (len(intact) > 1)} of step{'s' * (len(intact) > 1)} "
+                f"{', '.join(map(str, intact))} {'are' if len(intact) > 1 else 'is'} intact" if intact
+                else "no earlier checkpoint was written")
+        return disk.write_error(error, self.directory, f"the checkpoint of step {step}", needed,
+                                done=f"Its partial folder was removed; {kept}.", then=self.then)
+
+    def read_meta(self, step: int) -> dict:
+        return read_meta(self.directory, step)
+
+    def restore(self, step: int, params_like, opt_state_like=None):
+        return read_state(self.directory, step, params_like, opt_state_like)
 
     def close(self) -> None:
-        self.manager.close()
+        """Let the last save finish; after a reported write failure, only let go of orbax's threads."""
+        if not self.failed:
+            self.wait()
+        try:
+            self.manager.close()
+        except Exception as e:
+            if not (self.failed and disk.is_write_failure(e)):
+                raise
 
 
 def find_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, int]:
-    """A run directory, its checkpoints/ folder or one step's folder → (run directory, step)."""
+    """A run directory, its checkpoints/ folder or one step's folder → (run directory, step): the newest
+    complete checkpoint unless `step` says which."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint path {path} does not exist. Give a run directory (the --out_dir of train.py).")
@@ -117,7 +239,7 @@ def find_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, in
     elif path.name == CHECKPOINTS:
         path = path.parent
     ckpt_dir = path / CHECKPOINTS
-    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit() and p.is_dir()) if ckpt_dir.is_dir() else []
+    steps = list_steps(ckpt_dir)
     if not steps:
         raise UserError(f"{path} holds no checkpoint (looked in {ckpt_dir}). Train first with "
                         f"`python train.py --out_dir={path}`, or point at another run directory.")
@@ -125,7 +247,4 @@ def find_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, in
         step = steps[-1]
     elif step not in steps:
         raise UserError(f"{path} has no checkpoint of step {step}; it has steps {', '.join(map(str, steps))}.")
-    meta = ckpt_dir / str(step) / "meta"
-    if not meta.exists():
-        raise UserError(f"checkpoint {ckpt_dir / str(step)} is incomplete or corrupt: it has no meta item.")
     return path, step

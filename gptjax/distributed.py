@@ -5,6 +5,9 @@ processes are started by hand with --dist.coordinator (process 0's host:port),
 --dist.num_processes and --dist.process_id. Nothing here is a launcher or a transport of its
 own: it only checks the inputs and bounds the wait.
 
+Process 0 speaks for the run: it prints, writes the files beside the checkpoints and holds the run
+directory's lock on behalf of every process (sole_writer).
+
 JAX ends a process with a C++ abort and a stack trace when the coordinator cannot be reached in
 time; a process that is not 0 therefore first waits until the coordinator accepts connections,
 and a watchdog ends any process that is still waiting with a message and exit status 2.
@@ -18,11 +21,13 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable
 
 import jax
 import numpy as np
 
+from gptjax import disk, locks
 from gptjax.config import DistConfig
 from gptjax.errors import UserError
 
@@ -142,6 +147,35 @@ def sync(name: str) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
+
+
+@contextmanager
+def sole_writer(run_dir: Path, log=print):
+    """A run writes its directory alone: process 0 holds the directory's lock (gptjax.locks) for the
+    whole run, on behalf of all the run's processes, and every process of a second run on the same
+    directory is refused at once, naming the holder."""
+    lock = holder = None
+    if is_primary():
+        try:
+            with disk.writing(run_dir, "the run directory's lock file"):
+                lock = locks.acquire(run_dir, "training")
+        except locks.Locked as e:
+            holder = e.holder
+        if lock is not None and lock.unsupported:
+            log(f"warning: {run_dir} cannot be locked ({lock.unsupported}: its file system has no flock), so "
+                "nothing stops a second trainer from writing into it; start only one")
+    if any_process(holder is not None):  # every process of this run stops, not only process 0
+        holder = holder or locks.read_holder(run_dir)
+        stop_it = f" (or stop it: kill {holder.pid} on {holder.host})" if holder.pid else ""
+        raise UserError(f"{run_dir} is in use by another trainer: {holder.describe()}. Two trainers on one run "
+                        "directory would write their checkpoints over each other's, so this one stops before "
+                        f"touching it; nothing was changed. Wait for that run to end{stop_it} and then resume with "
+                        "--train.resume=true, or give another --out_dir.")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 class Silent:

@@ -5,10 +5,14 @@ terminal, plain lines in logs)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
+import weakref
 import time
 from pathlib import Path
 
+from gptjax import disk
 from gptjax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets, by substrings of jax's device_kind.
@@ -37,25 +41,77 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a last line cut short (a killed process, a full disk) is left out."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+_watched: weakref.WeakSet = weakref.WeakSet()
+_failures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_hook_installed = False
+
+
+def _watch(threads) -> None:
+    """tensorboardX writes its files from a thread of its own, which a full disk ends with a traceback;
+    every record added after that waits forever for it. Such an end is noted here, without the
+    traceback, for MetricsLog.write to report as the disk's message."""
+    global _hook_installed
+    if not _hook_installed:
+        _hook_installed = True
+        previous = threading.excepthook
+
+        def hook(args):
+            if args.thread in _watched and disk.is_write_failure(args.exc_value):
+                _failures[args.thread] = args.exc_value
+            else:
+                previous(args)
+
+        threading.excepthook = hook
+    _watched.update(threads)
+
+
 class MetricsLog:
     """Appends JSON lines to metrics.jsonl and hands each record to the other logs (TensorBoard, W&B).
 
-    On resume, lines past the checkpoint are dropped so that no step is logged twice.
+    On resume, lines past the checkpoint are dropped so that no step is logged twice. A full disk is
+    reported as such, with `then` (what to do once it is fixed), and never leaves half a line.
     """
 
-    def __init__(self, run_dir: Path, resume_step: int | None, others=()):
-        self.path = run_dir / "metrics.jsonl"
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
-        self.others = [log for log in (TensorBoardLog.open(run_dir, resume_step), *others) if log is not None]
+    def __init__(self, run_dir: Path, resume_step: int | None, others=(), then: str = "run the same command again"):
+        self.path, self.then = run_dir / "metrics.jsonl", then
+        keep = []
+        if resume_step is not None and self.path.exists():
+            keep = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step]
+        text = "".join(json.dumps(r) + "\n" for r in keep)
+        tmp = self.path.with_name(self.path.name + ".tmp")  # the old log stays whole if this cannot be written
+        try:
+            with disk.writing(self.path, "the metrics log", len(text), then=then):
+                tmp.write_text(text)
+                os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.others = [log for log in (TensorBoardLog.open(run_dir, resume_step, then), *others) if log is not None]
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = memoryview((json.dumps(record) + "\n").encode())
+        with disk.writing(self.path, "the metrics log", len(line), then=self.then):
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                start = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    while line:
+                        line = line[os.write(fd, line):]
+                except OSError:
+                    os.ftruncate(fd, start)  # no half line for a reader (or a resume) to trip on
+                    raise
+            finally:
+                os.close(fd)
         for log in self.others:
             log.write(record)
 
@@ -67,28 +123,46 @@ class MetricsLog:
 class TensorBoardLog:
     """Event files in <run_dir>/tensorboard/ when tensorboardX is installed (pip install "gptjax[tb]")."""
 
-    def __init__(self, writer):
-        self.writer = writer
+    def __init__(self, writer, threads: set, folder: Path, then: str):
+        self.writer, self.threads, self.folder, self.then = writer, threads, folder, then
 
     @classmethod
-    def open(cls, run_dir: Path, resume_step: int | None) -> TensorBoardLog | None:
+    def open(cls, run_dir: Path, resume_step: int | None, then: str) -> TensorBoardLog | None:
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
             return None
-        start = resume_step or 0
+        start, folder = resume_step or 0, run_dir / "tensorboard"
+        before = set(threading.enumerate())
         # purge_step: TensorBoard hides what an interrupted run logged past the checkpoint it resumes from.
         # The file's name holds the second it was opened, so a suffix keeps two starts in one second apart.
-        return cls(SummaryWriter(str(run_dir / "tensorboard"), purge_step=None if resume_step is None else start + 1,
-                                 filename_suffix=f".from-step-{start:09d}"))
+        with disk.writing(folder, "the TensorBoard events", then=then):
+            writer = SummaryWriter(str(folder), purge_step=None if resume_step is None else start + 1,
+                                   filename_suffix=f".from-step-{start:09d}")
+        threads = {t for t in set(threading.enumerate()) - before  # the thread that writes its files
+                   if type(t).__module__.startswith("tensorboardX")}
+        _watch(threads)
+        return cls(writer, threads, folder, then)
+
+    def _alive(self) -> bool:
+        return all(t.is_alive() for t in self.threads)
 
     def write(self, record: dict) -> None:
+        if self.writer is not None and not self._alive():
+            self.writer = None  # its writer thread is gone: a record added now would wait for it forever
+            failure = next((_failures[t] for t in self.threads if t in _failures), None)
+            if failure is not None:
+                raise disk.write_error(failure, self.folder, "the TensorBoard events", then=self.then)
+        if self.writer is None:
+            return
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, record["step"])
 
     def close(self, failed: bool = False) -> None:
-        self.writer.close()
+        if self.writer is not None and self._alive():
+            with disk.writing(self.folder, "the TensorBoard events", then=self.then):
+                self.writer.close()
 
 
 class Progress:

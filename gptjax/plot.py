@@ -9,11 +9,13 @@ tokenizers compare), else in nats per token. Needs matplotlib.
 
 from __future__ import annotations
 
-import json
+import io
 import sys
 from pathlib import Path
 
+from gptjax import disk
 from gptjax.errors import UserError, cli
+from gptjax.metrics import read_records
 
 
 MARKERS = "osD^v<>"
@@ -23,7 +25,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run_dir} has no metrics.jsonl; give run directories written by train.py.")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_records(path)
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
 
 
@@ -72,9 +74,16 @@ def plot(run_dirs: list[Path], out: Path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    png = io.BytesIO()  # drawn in memory first: its size is the space needed, and a full disk keeps no half file
+    fig.savefig(png, format=out.suffix.lstrip(".").lower() or "png", dpi=120)
     plt.close(fig)
+    with disk.writing(out, "the plot", png.tell(), then="run the same command again, or give --out=FILE.png elsewhere"):
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(png.getvalue())
+        except OSError:
+            out.unlink(missing_ok=True)
+            raise
     return out
 
 

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptjax.checkpoint import Checkpointer, find_checkpoint
-from gptjax.config import Config
+from gptjax.checkpoint import CHECKPOINTS, CheckpointVanished, find_checkpoint, read_meta, read_state
+from gptjax.config import Config, ModelConfig
 from gptjax.options import from_dict
 from gptjax.errors import UserError
 from gptjax.generate import stream_ids
@@ -174,9 +174,30 @@ def with_dtype(config: Config, dtype: str | None) -> Config:
     return dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=dtype))
 
 
+MAX_VANISHED = 20  # checkpoints deleted under a reader in a row before it gives up
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_model(model_cfg: ModelConfig):
+    """The model's graph and its parameters' shapes, built once per shape: a notebook that reloads a
+    training run every few seconds pays for this once."""
+    graphdef, params_like = nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))), nnx.Param)
+    return graphdef, nnx.to_pure_dict(params_like)
+
+
+def _read(run_dir: Path, step: int, dtype: str | None) -> Pretrained:
+    meta = read_meta(run_dir / CHECKPOINTS, step)
+    config = with_dtype(from_dict(Config, meta["config"], where=" in the checkpoint's config"), dtype)
+    graphdef, params_like = _abstract_model(config.model)
+    params, _ = read_state(run_dir / CHECKPOINTS, step, params_like)
+    return Pretrained(config, graphdef, params, step, run_dir, tokenizer_from_meta(meta))
+
+
 def load(path: str | Path, step: int | None = None, dtype: str | None = None) -> Pretrained:
     """Restore the parameters of a run directory's latest checkpoint (or of `step`) on the default device.
 
+    A run that is still training may delete a checkpoint (retention) while it is being read: the
+    newest complete one is then read instead, so loading a live run always gives its newest model.
     'hf:DIR' reads a local Hugging Face GPT-2 folder instead (gptjax.convert). `dtype` sets the compute
     dtype: bfloat16 reads half the bytes per decoded token; parameters are kept as stored.
     """
@@ -187,14 +208,17 @@ def load(path: str | Path, step: int | None = None, dtype: str | None = None) ->
         if dtype is None:
             return pretrained
         config = with_dtype(pretrained.config, dtype)
-        graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(config.model, nnx.Rngs(0))), nnx.Param)
+        graphdef, _ = _abstract_model(config.model)
         return Pretrained(config, graphdef, pretrained.params, pretrained.step, pretrained.path, pretrained.tokenizer)
-    run_dir, step = find_checkpoint(path, step)
-    ckpt = Checkpointer(run_dir, create=False)
-    meta = ckpt.read_meta(step)
-    config = with_dtype(from_dict(Config, meta["config"], where=" in the checkpoint's config"), dtype)
-    abstract = nnx.eval_shape(lambda: GPT(config.model, nnx.Rngs(0)))
-    graphdef, params_like = nnx.split(abstract, nnx.Param)
-    params, _ = ckpt.restore(step, nnx.to_pure_dict(params_like))
-    ckpt.close()
-    return Pretrained(config, graphdef, params, step, run_dir, tokenizer_from_meta(meta))
+    one_step = (step is not None and step >= 0) or Path(path).name.isdigit()
+    for _ in range(MAX_VANISHED):
+        run_dir, chosen = find_checkpoint(path, step)
+        try:
+            return _read(run_dir, chosen, dtype)
+        except CheckpointVanished as e:
+            if one_step:  # that step was asked for: no other will do
+                raise
+            vanished = e
+    raise UserError(f"{MAX_VANISHED} checkpoints of {run_dir} in a row were deleted while they were being read: "
+                    f"the run writes them faster than they can be read here. Read one step that it keeps "
+                    f"(step=...), or raise its --train.ckpt_interval. The last one: {vanished}")

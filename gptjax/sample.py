@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+from gptjax import disk
 from gptjax.config import SampleConfig
 from gptjax.options import parse_flat
 from gptjax.errors import UserError, cli
@@ -117,11 +118,12 @@ def main(argv: list[str]) -> None:
     rows = [p for p in prompts for _ in range(cfg.num_samples)]  # each row draws its own sample
     outs = model.generate(rows, batch_size=cfg.batch_size, **controls)
     if cfg.output:
-        with open(cfg.output, "w", encoding="utf-8") as f:
-            for i, (prompt, text) in enumerate(zip(rows, outs)):
-                record = {"prompt": prompt, "completion": text, "sample": i % cfg.num_samples, **controls,
-                          "checkpoint": str(model.path), "step": model.step}
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        lines = [json.dumps({"prompt": prompt, "completion": text, "sample": i % cfg.num_samples, **controls,
+                             "checkpoint": str(model.path), "step": model.step}, ensure_ascii=False) + "\n"
+                 for i, (prompt, text) in enumerate(zip(rows, outs))]
+        with disk.writing(cfg.output, "the samples", sum(len(line.encode()) for line in lines)):
+            with open(cfg.output, "w", encoding="utf-8") as f:
+                f.writelines(lines)
         print(f"wrote {len(outs)} samples of {len(prompts)} prompts to {cfg.output}")
         return
     for i, (prompt, text) in enumerate(zip(rows, outs)):

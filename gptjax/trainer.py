@@ -24,8 +24,8 @@ import numpy as np
 from flax import nnx
 
 from gptjax import data as data_lib
-from gptjax import distributed, wandb_log
-from gptjax.checkpoint import CHECKPOINTS, Checkpointer
+from gptjax import disk, distributed, wandb_log
+from gptjax.checkpoint import CHECKPOINTS, Checkpointer, checkpoint_bytes, list_steps, remove_partial
 from gptjax.config import Config
 from gptjax.options import from_dict, to_dict, to_toml
 from gptjax.errors import UserError
@@ -107,18 +107,20 @@ def train(cfg: Config, log=print, stop_after: int | None = None) -> dict:
     `stop_after` ends the run early at that step with a checkpoint, as an interruption would;
     the schedule still follows train.max_steps, so a resumed run continues exactly.
     """
-    trainer = Trainer(cfg, log)
-    failed = True
-    try:
-        with StopRequest() as stop:
-            trainer.run(stop, stop_after)
-        failed = False
-    except Exception as e:
-        if is_out_of_memory(e):
-            raise out_of_memory_error(trainer.cfg, e) from None
-        raise
-    finally:
-        trainer.close(failed)
+    distributed.initialize(cfg.dist)  # first: JAX's multi-process runtime starts before any computation
+    with distributed.sole_writer(Path(cfg.out_dir), log):
+        trainer = None
+        try:
+            trainer = Trainer(cfg, log)
+            with StopRequest() as stop:
+                trainer.run(stop, stop_after)
+            trainer.close()  # the last checkpoint is written: a failure to write it is this run's failure
+        except BaseException as e:
+            if trainer is not None:
+                trainer.close(quietly=True, failed=True)
+            if isinstance(e, Exception) and is_out_of_memory(e):
+                raise out_of_memory_error(trainer.cfg if trainer else cfg, e) from None
+            raise
     return trainer.finish()
 
 
@@ -128,6 +130,8 @@ def bits_per_byte(loss: float, tokens: int, nbytes: int) -> float:
 
 
 def is_out_of_memory(error: Exception) -> bool:
+    if disk.is_write_failure(error):  # tensorstore says RESOURCE_EXHAUSTED for a full disk too
+        return False
     text = str(error)
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
@@ -170,7 +174,7 @@ def _read_tasks(spec: str, tok, block_size: int, log) -> list:
 
 class Trainer:
     def __init__(self, cfg: Config, log=print):
-        distributed.initialize(cfg.dist)  # first: JAX's multi-process runtime starts before any computation
+        """Set up a run in `cfg.out_dir`, whose lock the caller holds (train() takes it)."""
         if not distributed.is_primary():
             log = lambda *_: None  # noqa: E731  process 0 speaks for the run
         given_vocab = cfg.model.vocab_size
@@ -191,7 +195,11 @@ class Trainer:
 
         # open (and so create) the checkpoint folder only once the inputs have been checked
         existing = (run_dir / CHECKPOINTS).is_dir()
-        ckpt = Checkpointer(run_dir, keep=t.keep_checkpoints, create=False) if existing else None
+        if existing and distributed.is_primary():
+            remove_partial(run_dir / CHECKPOINTS)  # left by a save that was killed or refused by a full disk
+        after_failure = ("run the same command with --train.resume=true: it continues from the newest intact "
+                         "checkpoint exactly as if nothing had stopped it")
+        ckpt = Checkpointer(run_dir, keep=t.keep_checkpoints, create=False, then=after_failure) if existing else None
         latest = ckpt.latest_step() if ckpt else None
         if latest is not None and not t.resume:
             raise UserError(f"{run_dir} already holds checkpoints (latest: step {latest}). Pass --train.resume=true "
@@ -220,7 +228,7 @@ class Trainer:
             _check_same_tokenizer(saved, self.tok, run_dir)
             _check_resumable(saved, cfg, run_dir)
         self.cfg, self.log, self.t, self.run_dir = cfg, log, t, run_dir
-        self.ckpt = ckpt or Checkpointer(run_dir, keep=t.keep_checkpoints)
+        self.ckpt = ckpt or Checkpointer(run_dir, keep=t.keep_checkpoints, then=after_failure)
 
         self.graphdef, params = init_model(cfg)
         if init_params is not None and latest is None:
@@ -235,10 +243,12 @@ class Trainer:
             log(f"resume: continuing from step {latest} of {run_dir}")
         run_dir.mkdir(parents=True, exist_ok=True)
         if distributed.is_primary():
-            (run_dir / "config.toml").write_text(to_toml(cfg))
+            text = to_toml(cfg)
+            with disk.writing(run_dir / "config.toml", "the run's config", len(text)):
+                (run_dir / "config.toml").write_text(text)
             resuming = latest is not None
             others = [wandb_log.WandbLog(cfg, run_dir, resuming)] if t.wandb else []
-            self.metrics_log = MetricsLog(run_dir, self.start if resuming else None, others)
+            self.metrics_log = MetricsLog(run_dir, self.start if resuming else None, others, then=after_failure)
         else:
             self.metrics_log = distributed.Silent()
 
@@ -252,6 +262,7 @@ class Trainer:
             f"width {cfg.model.n_embd}, context {cfg.model.block_size}, {self.tok.name} vocabulary "
             f"{cfg.model.vocab_size}; {compute} compute ({'auto: ' if cfg.model.dtype == 'auto' else ''}{why})")
         log(f"train: {t.max_steps} steps of {self.tokens_per_step:,} tokens on {describe(self.devices)} ({t.parallel})")
+        self._check_room(checkpoint_bytes(params, opt_state))
 
         self.strategy = STRATEGIES[t.parallel](self.graphdef, tx, cfg.model.dropout, self.devices,
                                                t.on_nonfinite == "skip", loss_chunk=t.loss_chunk, remat=t.remat)
@@ -265,6 +276,15 @@ class Trainer:
                                                                      self.micro)[1]) for i in range(t.eval_batches))
         self.done = self.start
         self.interrupted = ""
+
+    def _check_room(self, ckpt_bytes: int) -> None:
+        """Warn now, not hours later, when the disk cannot hold the checkpoints that retention keeps
+        plus the one being written (those already there count as held)."""
+        keep = self.t.keep_checkpoints
+        held = min(len(list_steps(self.ckpt.directory)), keep)
+        needed = (keep + 1 - held) * ckpt_bytes
+        disk.warn_if_short(self.ckpt.directory, needed, f"{keep + 1} checkpoints of this model (--train.keep_checkpoints="
+                           f"{keep}, plus the one being written; {disk.fmt_bytes(ckpt_bytes)} each)", self.log)
 
     def evaluate(self) -> float:
         cfg, t = self.cfg, self.t
@@ -388,13 +408,18 @@ class Trainer:
             stop.signum = signal.SIGTERM  # another process was asked to stop
         return agreed
 
-    def close(self, failed: bool = False) -> None:
-        """Let the last checkpoint finish writing, whatever ended the run (`failed`: an error)."""
-        if self.ckpt is not None:
-            self.ckpt.wait()
-            self.ckpt.close()
-        if self.metrics_log is not None:
-            self.metrics_log.close(failed)
+    def close(self, quietly: bool = False, failed: bool = False) -> None:
+        """Let the last checkpoint finish writing, whatever ended the run; `quietly` after another error,
+        which is the one to report (`failed`: the run ended in an error, which W&B records)."""
+        try:
+            if self.ckpt is not None:
+                self.ckpt.close()
+        except Exception:
+            if not quietly:
+                raise
+        finally:
+            if self.metrics_log is not None:
+                self.metrics_log.close(failed)
 
     def finish(self) -> dict:
         t, log = self.t, self.progress.line

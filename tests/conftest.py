@@ -13,6 +13,9 @@ tune_for_cpu(reuse_memory=False)
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
@@ -65,3 +68,50 @@ def task_run(tmp_path_factory) -> SimpleNamespace:
     history = train(tiny_config(root / "run", corpus, max_steps=6, eval_interval=3, ckpt_interval=6,
                                 eval_tasks=str(task)), log=lambda m: None)
     return SimpleNamespace(run=root / "run", corpus=corpus, task=task, history=history)
+# ----------------------------------------------------------------------------- train.py as a real process
+
+STEPS = 24
+ARGS = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
+        "--data.tokenizer=byte", "--data.val_fraction=0.1", "--train.batch_size=8", "--train.eval_batches=2",
+        "--train.warmup_steps=2", "--train.lr=3e-3", f"--train.max_steps={STEPS}", "--train.eval_interval=8",
+        "--train.ckpt_interval=1", "--train.log_interval=1", "--train.sample_tokens=0"]
+
+
+def start(out_dir, corpus, *extra, args=ARGS, env=None):
+    """train.py in a process of its own, on one CPU device, output (stdout and stderr) in a pipe;
+    `env` adds to its (otherwise minimal) environment."""
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+           "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"--data.corpus={corpus}",
+                             f"--out_dir={out_dir}", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT, env=env)
+
+
+def run_until(proc, step: int, sig=signal.SIGKILL) -> str:
+    """Read progress until `step` is logged, then send `sig`; the process's whole output."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(f"step {step:>6} | loss"):
+            proc.send_signal(sig)
+            break
+    seen.append(proc.stdout.read())
+    proc.wait(timeout=120)
+    return "".join(seen)
+
+
+def losses(out_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """(corpus, losses by step) of the uninterrupted ARGS run, in the same kind of process as the
+    interrupted ones that must reproduce it."""
+    root = tmp_path_factory.mktemp("reference")
+    corpus = make_corpus(root / "corpus")
+    proc = start(root / "ref", corpus)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return corpus, losses(root / "ref")

@@ -6,6 +6,7 @@ read, written, loaded and fine-tuned from) is tests/test_hf_weights.py, run wher
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -113,6 +114,34 @@ def test_other_file_layouts_read_alike(tmp_path):
     (tmp_path / "st" / "model.safetensors").write_bytes(b"\x00" * 100)
     with pytest.raises(UserError, match="model.safetensors cannot be read"):
         convert.from_hf(tmp_path / "st")
+
+
+def test_a_pickle_holding_more_than_tensors_is_refused_and_nothing_runs(tmp_path):
+    make_hf(tmp_path / "st", **SHAPES["1L-1H-8D-V64"])
+    folder, ran = tmp_path / "bin", tmp_path / "ran"
+    folder.mkdir()
+    (folder / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+
+    class RunsCode:
+        def __reduce__(self):  # unpickling calls os.mkdir(ran)
+            return os.mkdir, (str(ran),)
+
+    torch.save({"wte.weight": torch.zeros(64, 8), "payload": RunsCode()}, folder / "pytorch_model.bin")
+    with pytest.raises(UserError) as error:
+        convert.from_hf(folder)
+    message = str(error.value)
+    assert "pytorch_model.bin holds objects other than tensors (it names posix.mkdir)" in message
+    assert "will not be loaded" in message and "safetensors" in message
+    assert "weights_only" not in message and "complete?" not in message  # no advice to load it anyway
+    assert not ran.exists()
+    torch.load(folder / "pytorch_model.bin", weights_only=False)  # the file does run code when trusted
+    assert ran.exists()
+
+    whole = tmp_path / "whole.bin"  # tensors only, but cut short: the one case that asks about completeness
+    torch.save({"wte.weight": torch.zeros(64, 8)}, whole)
+    (folder / "pytorch_model.bin").write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+    with pytest.raises(UserError, match=r"pytorch_model.bin cannot be read: it ends early.*is it complete\?"):
+        convert.from_hf(folder)
 
 
 def test_hf_round_trip_is_bit_exact(tmp_path):

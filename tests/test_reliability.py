@@ -1,6 +1,5 @@
 """Never lose work: real kills and signals on train.py, non-finite steps, retention, damaged checkpoints."""
 
-import json
 import os
 import re
 import signal
@@ -10,7 +9,7 @@ import sys
 import jax.numpy as jnp
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, losses, run_until, start, tiny_config
 from gptjax import data, load
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import DataConfig
@@ -18,54 +17,9 @@ from gptjax.errors import UserError
 from gptjax.metrics import Progress
 from gptjax.trainer import is_out_of_memory, out_of_memory_error, train
 
-STEPS = 24
-ARGS = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
-        "--data.tokenizer=byte", "--data.val_fraction=0.1", "--train.batch_size=8", "--train.eval_batches=2",
-        "--train.warmup_steps=2", "--train.lr=3e-3", f"--train.max_steps={STEPS}", "--train.eval_interval=8",
-        "--train.ckpt_interval=1", "--train.log_interval=1", "--train.sample_tokens=0"]
-
 
 def quiet(_):
     pass
-
-
-def start(out_dir, corpus, *extra):
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-           "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *ARGS, f"--data.corpus={corpus}",
-                             f"--out_dir={out_dir}", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=ROOT, env=env)
-
-
-def run_until(proc, step: int, sig=signal.SIGKILL) -> str:
-    """Read progress until `step` is logged, then send `sig`; the process's whole output."""
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith(f"step {step:>6} | loss"):
-            proc.send_signal(sig)
-            break
-    seen.append(proc.stdout.read())
-    proc.wait(timeout=120)
-    return "".join(seen)
-
-
-def losses(out_dir) -> dict[int, float]:
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run, in the same kind of process as the interrupted ones."""
-    from conftest import make_corpus
-
-    root = tmp_path_factory.mktemp("reliability")
-    corpus = make_corpus(root / "corpus")
-    proc = start(root / "ref", corpus)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    return corpus, losses(root / "ref")
 
 
 def test_sigkill_at_any_moment_resumes_exactly(reference, tmp_path):

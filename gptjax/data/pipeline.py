@@ -23,7 +23,6 @@ until then, shards prepared earlier in the folder stay as they were.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptjax import disk, locks
 from gptjax.config import DataConfig
 from gptjax.data.shards import FORMAT_VERSION, SPLITS, TOKENIZER_FILE, Dataset, open_folder, read_meta
 from gptjax.data.sources import MAX_PIECE_CHARS, PIECE_CHARS, Problems, Reader, corpus_files
@@ -200,20 +200,12 @@ def _sigterm_stops():
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextlib.contextmanager
-def _locked(folder: Path, log):
+def _locked(folder: Path, log) -> locks.DirectoryLock:
     """One preparation per folder at a time; a second waits for the first (then reuses its work)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"data: another process is preparing {folder}; waiting for it")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with disk.writing(folder, "the shard folder's lock file"):
+        return locks.acquire(folder, "preparing token shards", wait=True,
+                             on_wait=lambda holder: log(f"data: {holder.describe()} is preparing {folder}; "
+                                                        "waiting for it"))
 
 
 def default_workers() -> int:
@@ -277,6 +269,19 @@ class _Preparation:
     def _resume_state(self) -> dict:
         fresh = {"next": [0, 0, 0], "documents": 0, "val_documents": 0, "problems": {}, "train_tokens": 0,
                  "val_tokens": 0, "train_bytes": 0, "val_bytes": 0, "input_done": False, "complete": False}
+        saved = self.cut_back()
+        if saved is None:
+            return fresh
+        if saved["next"] != [0, 0, 0]:
+            done = saved["train_tokens"] + saved["val_tokens"]
+            self.log(f"data: resuming the preparation of {self.folder} ({done:,} tokens were written)")
+        return saved
+
+    def cut_back(self) -> dict | None:
+        """Make the folder what the journal records: the partial files cut back to its lengths (removed
+        when there is no usable journal), nothing written after the record kept. Returns the record."""
+        for tmp in self.folder.glob("*.json.tmp"):  # a record being written when the process stopped
+            tmp.unlink(missing_ok=True)
         try:
             saved = json.loads(self.journal_path.read_text())
         except (OSError, ValueError):
@@ -287,13 +292,21 @@ class _Preparation:
                 for split, path in self.partial.items():  # drop whatever was written after the record
                     with open(path, "r+b") as f:
                         f.truncate(saved[f"{split}_tokens"] * self.dtype.itemsize)
-            if saved["next"] != [0, 0, 0]:
-                done = saved["train_tokens"] + saved["val_tokens"]
-                self.log(f"data: resuming the preparation of {self.folder} ({done:,} tokens were written)")
             return saved
         for path in (*self.partial.values(), self.tokenizer_partial):
             path.unlink(missing_ok=True)
-        return fresh
+        return None
+
+    def space_needed(self) -> int:
+        """Bytes the shards still need: their whole size, estimated from the tokens per byte of text so far
+        (one token per byte before any is written), less what is on disk."""
+        reader, state = getattr(self, "reader", None), self.state
+        tokens = state["train_tokens"] + state["val_tokens"]
+        done = reader.done_bytes() if reader else 0
+        total = reader.total_bytes if reader else sum(f.stat().st_size for f in self.files + self.val_files)
+        per_byte = tokens / done if tokens and done else 1.0
+        written = sum(p.stat().st_size for p in self.partial.values() if p.exists())
+        return max(int(total * per_byte * self.dtype.itemsize) - written, 4096)
 
     def _commit(self, files: dict) -> None:
         for f in files.values():
@@ -321,6 +334,7 @@ class _Preparation:
         reader = Reader(all_files, cfg.text_field, problems, start=state["next"], skip_binary=len(all_files) > 1,
                         piece_chars=self.layout["piece_chars"], max_piece_chars=self.layout["max_piece_chars"])
         val_from = len(self.files) if self.val_files else None
+        self.reader = reader  # for space_needed()
         chunks = _chunks(reader, state, val_from, cfg.val_fraction, self.chunk_chars)
         progress = _Progress(reader.total_bytes, self.log)
         started, text_bytes = time.time(), 0
@@ -489,12 +503,29 @@ def prepare(cfg: DataConfig, data_dir: str | Path, log=print, shared: bool = Fal
         job = _Preparation(cfg, folder, files, val_files, fingerprint, log, piece_chars, max_piece_chars,
                            chunk_chars, tokenizer)
         workers = choose_workers(cfg, files + val_files, chunk_chars)
-        meta = job.run(workers)
+        try:
+            meta = job.run(workers)
+        except Exception as e:
+            if not disk.is_write_failure(e):
+                raise
+            raise _write_failed(job, e) from None
     _report(meta, folder, job, workers, log)
     if stats is not None:
         stats.update(workers=workers, seconds=getattr(job, "elapsed", 0.0), text_bytes=getattr(job, "text_bytes", 0),
                      worker_peak_rss=job.worker_peak)
     return open_folder(folder, meta)
+
+
+def _write_failed(job: _Preparation, error: Exception) -> UserError:
+    """The disk refused the shards: keep what the journal records (a run again continues from there),
+    free whatever was written after it, and say how much more is needed."""
+    saved = job.cut_back()
+    needed = job.space_needed()
+    tokens = saved["train_tokens"] + saved["val_tokens"] if saved and not saved.get("complete") else 0
+    done = (f"The {tokens:,} tokens written before are kept, and the preparation continues from them when run "
+            "again." if tokens else "The partial shards were removed.")
+    return disk.write_error(error, job.folder, "the token shards", needed, done=done,
+                            then="run the same command again")
 
 
 def _report(meta: dict, folder: Path, job: _Preparation, workers: int, log) -> None:
