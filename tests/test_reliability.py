@@ -143,15 +143,15 @@ def test_out_of_memory_names_what_would_fit(corpus, tmp_path, monkeypatch):
 
 def test_progress_bar_in_a_terminal_and_lines_in_a_log(capsys):
     bar = Progress(total=10, bar=True)
-    bar.step(3, 2.5, 1000.0, 7.0, 1e-3, at_interval=False)
+    bar.step(3, 2.5, 1.25, 1000.0, 7.0, 1e-3, at_interval=False)
     bar.line("step      3 | val loss 2.4000")
     out = capsys.readouterr().out
     assert "\r" in out and "3/10 [#######" in out and "left 0:00:07" in out and "val loss 2.4000" in out
     lines = []
     plain = Progress(total=10, log=lines.append, bar=False)
-    plain.step(3, 2.5, 1000.0, 7.0, 1e-3, at_interval=False)
-    plain.step(4, 2.4, 1000.0, 6.0, 1e-3, at_interval=True)
-    assert lines == ["step      4 | loss 2.4000 | lr 1.00e-03 | 1,000 tok/s | left 0:00:06"]
+    plain.step(3, 2.5, 1.25, 1000.0, 7.0, 1e-3, at_interval=False)
+    plain.step(4, 2.4, 1.2, 1000.0, 6.0, 1e-3, at_interval=True)
+    assert lines == ["step      4 | loss 2.4000 | 1.200 bits/byte | lr 1.00e-03 | 1,000 tok/s | left 0:00:06"]
 
 
 def test_plot_writes_a_png(corpus, tmp_path):
