@@ -35,6 +35,7 @@ from gptjax.parallel import STRATEGIES, describe, plan_batch, select_devices
 from gptjax import precision
 from gptjax.precision import auto_dtype
 from gptjax.signals import StopRequest
+from gptjax.stacked import relayout
 from gptjax.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_meta
 
 
@@ -57,9 +58,13 @@ def resolve(cfg: Config, tok: Tokenizer | None = None, given_vocab: int | None =
 
 
 def init_model(cfg: Config):
-    model = GPT(cfg.model, nnx.Rngs(params=jax.random.key(cfg.train.seed)))
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, nnx.to_pure_dict(params)  # plain nested dicts: clean names in checkpoints
+    """The model's structure and its initial parameters as plain nested dicts (clean names in checkpoints).
+    The blocks are drawn per layer and then stacked if --model.scan_layers: a seed gives the same
+    weights in either layout."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(cfg.model, nnx.Rngs(0))), nnx.Param)
+    per_layer = dataclasses.replace(cfg.model, scan_layers=False)
+    params = nnx.state(GPT(per_layer, nnx.Rngs(params=jax.random.key(cfg.train.seed))), nnx.Param)
+    return graphdef, relayout(nnx.to_pure_dict(params), cfg.model.scan_layers)
 
 
 def _check_resumable(saved: dict, cfg: Config, run_dir: Path) -> None:
@@ -67,7 +72,8 @@ def _check_resumable(saved: dict, cfg: Config, run_dir: Path) -> None:
     (its state's structure) must be those of the checkpoint. A learned tokenizer's size and merges are
     known only once the data is ready: _check_same_tokenizer then."""
     saved_cfg = from_dict(Config, saved["config"], where=" in the checkpoint's config")
-    unknown = ("dtype", "vocab_size") if cfg.data.tokenizer == "bpe" else ("dtype",)
+    # the layer layout may differ too: a checkpoint restores in either (gptjax.stacked)
+    unknown = ("dtype", "scan_layers", "vocab_size") if cfg.data.tokenizer == "bpe" else ("dtype", "scan_layers")
     diffs = [f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in {
         **{f"model.{k}": (v, getattr(cfg.model, k)) for k, v in to_dict(saved_cfg.model).items() if k not in unknown},
         "data.tokenizer": (saved_cfg.data.tokenizer, cfg.data.tokenizer),
@@ -94,8 +100,9 @@ def _adopt_source_model(cfg: Config):
     if src.tokenizer.name != cfg.data.tokenizer:
         raise UserError(f"--train.init_from={cfg.train.init_from} was trained with the {src.tokenizer.name} tokenizer, "
                         f"but this run uses {cfg.data.tokenizer}; pass --data.tokenizer={src.tokenizer.name}.")
-    model = dataclasses.replace(src.config.model, dropout=cfg.model.dropout, dtype=cfg.model.dtype)
-    return dataclasses.replace(cfg, model=model), src.params, src.tokenizer
+    model = dataclasses.replace(src.config.model, dropout=cfg.model.dropout, dtype=cfg.model.dtype,
+                                scan_layers=cfg.model.scan_layers)
+    return dataclasses.replace(cfg, model=model), relayout(src.params, model.scan_layers), src.tokenizer
 
 
 def train(cfg: Config, log=print, stop_after: int | None = None) -> dict:
@@ -198,7 +205,10 @@ class Trainer:
         opt_state = tx.init(params)
         self.start = 0
         if latest is not None:
-            params, opt_state = self.ckpt.restore(latest, params, opt_state)
+            # read in the checkpoint's layer layout, continue in this run's
+            stacked = bool(saved["config"]["model"].get("scan_layers", False))
+            params, opt_state = self.ckpt.restore(latest, relayout(params, stacked), relayout(opt_state, stacked))
+            params, opt_state = relayout(params, cfg.model.scan_layers), relayout(opt_state, cfg.model.scan_layers)
             self.start = latest
             log(f"resume: continuing from step {latest} of {run_dir}")
         run_dir.mkdir(parents=True, exist_ok=True)
