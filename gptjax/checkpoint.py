@@ -51,9 +51,11 @@ def unflatten(template, flat: dict):
 
 
 def _abstract(tree, device=None):
-    # this process's own device: with several processes, jax.devices()[0] may be another host's
-    sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), flatten(tree))
+    """Where each leaf is read to: a template's own sharding (fsdp: each process reads only its shards),
+    else this process's own device (with several processes, jax.devices()[0] may be another host's)."""
+    one = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or one),
+                        flatten(tree))
 
 
 def checkpoint_bytes(*trees) -> int:
@@ -131,7 +133,8 @@ def read_meta(ckpt_dir: Path, step: int) -> dict:
 
 
 def read_state(ckpt_dir: Path, step: int, params_like, opt_state_like=None):
-    """Restore into the structures of the given templates (arrays or shape/dtype structs)."""
+    """Restore into the structures, and the shardings if they have some, of the given templates (arrays or
+    shape/dtype structs)."""
     items = {"params": ocp.args.StandardRestore(_abstract(params_like))}
     if opt_state_like is not None:
         items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))

@@ -44,6 +44,9 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = opt(
         "auto", "compute dtype; parameters and softmax stay float32. auto: bfloat16 where the device multiplies it "
                 "faster (GPUs, TPUs, CPUs with bfloat16 matrix units), float32 elsewhere")
+    scan_layers: bool = opt(False, "stack the blocks' parameters on a leading layer axis and run them with one "
+                                   "scanned block: compile time no longer grows with depth; checkpoints of either "
+                                   "layout restore in the other")
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size", "pad_vocab_to"):

@@ -35,6 +35,7 @@ from gptjax.config import Config, DataConfig, ModelConfig
 from gptjax.options import to_dict, to_toml
 from gptjax.errors import UserError, cli
 from gptjax.model import GPT, sincos_encoding
+from gptjax.stacked import relayout
 from gptjax.tokenizer import get_tokenizer
 
 HF_PREFIX = "transformer."
@@ -56,7 +57,8 @@ def hf_name(name: str) -> str:
 
 
 def abstract_params(model_cfg: ModelConfig) -> dict:
-    """gptjax's nested params as shape/dtype structs, nothing allocated."""
+    """gptjax's nested params as shape/dtype structs, nothing allocated; per layer, as GPT-2 names them."""
+    model_cfg = dataclasses.replace(model_cfg, scan_layers=False)
     return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))), nnx.Param))
 
 
@@ -288,7 +290,7 @@ def hf_tensors(model_cfg: ModelConfig, params) -> dict:
 
     A model without biases gets zero biases and a sine/cosine model its table as wpe: the same function.
     """
-    flat = flatten(params)
+    flat = flatten(relayout(params, False))
     full = dataclasses.replace(model_cfg, bias=True, pos_encoding="learned")
     out = {}
     for name, shape in param_shapes(full).items():

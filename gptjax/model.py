@@ -20,7 +20,9 @@ The KV cache is an explicit pytree, passed in and returned:
   {"index": int32 scalar (positions filled), "valid": bool (B, S) (keys that are real tokens,
    not left padding), "layers": [{"k": (X, S, H), "v": (X, S, H)}, ...]}
 in the compute dtype, with X = B·K: row b·K + k holds key/value head k of sequence b. Keys are
-cached after their rotary encoding.
+cached after their rotary encoding. With scan_layers, `h` is one Block whose parameters are stacked
+on a leading layer axis (gptjax.stacked), run with nnx.scan, and the cache's "layers" is one
+{"k": (L, X, S, H), "v": …}.
 """
 
 from __future__ import annotations
@@ -202,6 +204,17 @@ class Block(nnx.Module):
         return x_BTD, cache
 
 
+def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """n_layer blocks as one, every parameter stacked on a leading layer axis (gptjax.stacked), each
+    layer initialised from its own split of the keys."""
+    @nnx.split_rngs(splits=cfg.n_layer)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return Block(cfg, rngs)
+
+    return make(rngs)
+
+
 class GPT(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         if cfg.vocab_size < 1:
@@ -214,7 +227,7 @@ class GPT(nnx.Module):
             self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, dtype=_dtype(cfg.dtype),
                                  param_dtype=jnp.float32, embedding_init=emb_init, rngs=rngs)
         self.drop = nnx.Dropout(cfg.dropout)
-        self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
+        self.h = stacked_blocks(cfg, rngs) if cfg.scan_layers else nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
         self.ln_f = _norm(cfg, cfg.n_embd, rngs)
         if not cfg.tie_embeddings:  # zero at the start: every token equally likely, as the loss begins
             self.lm_head = nnx.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=_dtype(cfg.dtype),
@@ -239,6 +252,13 @@ class GPT(nnx.Module):
             logits_BTV = jnp.where(jnp.arange(logits_BTV.shape[-1]) < V, logits_BTV, -jnp.inf)
         return logits_BTV
 
+    def _scan_layers(self, body, x_BTD, xs=None):
+        """body(x, block, x_i) -> (x, y_i) over the stacked layers, one block compiled (jax.lax.scan of the
+        split block state: unlike nnx.scan, usable where the model was merged outside a surrounding loop,
+        as the sampler's while_loop does)."""
+        graphdef, state = nnx.split(self.h)
+        return jax.lax.scan(lambda x, layer: body(x, nnx.merge(graphdef, layer[0]), layer[1]), x_BTD, (state, xs))
+
     def features(self, idx_BT, *, deterministic=True, rngs=None, remat: str = "none"):
         """The last block's output for a batch of full sequences, before the final layer norm.
 
@@ -249,8 +269,10 @@ class GPT(nnx.Module):
         positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
         x_BTD = self._embed(idx_BT, positions_BT, deterministic, rngs)
         run = lambda blk, x, p, r: blk(x, p, deterministic=deterministic, rngs=r)[0]  # noqa: E731
-        if remat != "none":
+        if remat != "none":  # per block, and so inside the scanned body
             run = nnx.remat(run, policy=REMAT[remat])
+        if self.cfg.scan_layers:  # every layer the same dropout key, as in the loop below
+            return self._scan_layers(lambda x, blk, _: (run(blk, x, positions_BT, rngs), None), x_BTD)[0]
         for block in self.h:
             x_BTD = run(block, x_BTD, positions_BT, rngs)
         return x_BTD
@@ -273,11 +295,11 @@ class GPT(nnx.Module):
         S = length or cfg.block_size
         shape = (batch_size * cfg.kv_heads, S, cfg.n_embd // cfg.n_head)
         dtype = dtype or _dtype(cfg.dtype)
-        return {
-            "index": jnp.zeros((), jnp.int32),
-            "valid": jnp.zeros((batch_size, S), jnp.bool_),
-            "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)],
-        }
+        if cfg.scan_layers:  # stacked as the blocks are: (L, X, S, H)
+            layers = {"k": jnp.zeros((cfg.n_layer, *shape), dtype), "v": jnp.zeros((cfg.n_layer, *shape), dtype)}
+        else:
+            layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
+        return {"index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch_size, S), jnp.bool_), "layers": layers}
 
     def decode(self, idx_BT, cache, *, positions_BT=None, token_mask_BT=None, last_only=False):
         """Run T new tokens through the model on top of `cache`; return their logits and the new cache.
@@ -295,10 +317,14 @@ class GPT(nnx.Module):
             token_mask_BT = jnp.ones((B, T), jnp.bool_)
         valid_BS = jax.lax.dynamic_update_slice(cache["valid"], token_mask_BT, (0, index))
         x_BTD = self._embed(idx_BT, positions_BT, True, None)
-        layers = []
-        for block, layer_cache in zip(self.h, cache["layers"]):
-            x_BTD, layer_cache = block(x_BTD, positions_BT, cache=layer_cache, index=index, valid_BS=valid_BS)
-            layers.append(layer_cache)
+        run = lambda x, blk, c: blk(x, positions_BT, cache=c, index=index, valid_BS=valid_BS)  # noqa: E731
+        if self.cfg.scan_layers:
+            x_BTD, layers = self._scan_layers(run, x_BTD, cache["layers"])
+        else:
+            layers = []
+            for block, layer_cache in zip(self.h, cache["layers"]):
+                x_BTD, layer_cache = run(x_BTD, block, layer_cache)
+                layers.append(layer_cache)
         new_cache = {"index": index + T, "valid": valid_BS, "layers": layers}
         return self._logits(x_BTD[:, -1:] if last_only else x_BTD), new_cache
 

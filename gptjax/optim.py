@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from gptjax.config import TrainConfig
+from gptjax.stacked import per_layer_ndim
 
 
 def learning_rate(cfg: TrainConfig, peak: float | None = None):
@@ -32,20 +33,22 @@ def learning_rate(cfg: TrainConfig, peak: float | None = None):
 
 
 def decay_mask(params):
-    """Decay weight matrices and embeddings; leave biases and layer-norm scales alone."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Decay weight matrices and embeddings; leave biases and layer-norm scales alone (stacked too)."""
+    return jax.tree_util.tree_map_with_path(lambda path, p: per_layer_ndim(path, p) >= 2, params)
 
 
 def block_matrix(path, p) -> bool:
     """A weight matrix inside the blocks (attention and feed-forward kernels): what Muon updates."""
-    return p.ndim == 2 and getattr(path[0], "key", None) == "h"
+    return per_layer_ndim(path, p) == 2 and getattr(path[0], "key", None) == "h"
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     adamw = optax.adamw(learning_rate(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=1e-8,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
     if cfg.optimizer == "muon":
-        muon = optax.contrib.muon(learning_rate(cfg, cfg.muon_lr), beta=0.95, weight_decay=cfg.weight_decay)
+        # the matrix is a leaf's last two axes: a stacked block's leading layer axis is a batch of matrices
+        muon = optax.contrib.muon(learning_rate(cfg, cfg.muon_lr), beta=0.95, weight_decay=cfg.weight_decay,
+                                  muon_weight_dimension_numbers=optax.contrib.MuonDimensionNumbers(-2, -1))
         labels = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
             lambda path, p: "muon" if block_matrix(path, p) else "adamw", params)
         update = optax.partition({"muon": muon, "adamw": adamw}, labels)

@@ -91,6 +91,11 @@ class _Strategy:
     def _key_like():
         return jax.eval_shape(lambda: jax.random.key(0))
 
+    def init_state(self, make):
+        """The state that `make()` (pure, jit-able) returns, created in `placement` and put on the devices."""
+        shapes = jax.eval_shape(make)
+        return self.put_state(jax.jit(make, out_shardings=self.placement(shapes))())
+
 
 class Pmap(_Strategy):
     """Replicated state, batch split over the leading device axis."""
@@ -114,6 +119,10 @@ class Pmap(_Strategy):
     def shardings(self, tree):
         """The layout of one replica: whole on every device."""
         return jax.tree.map(lambda _: NamedSharding(self.mesh, P()), tree)
+
+    def placement(self, tree):
+        """Where a state is created or restored before put_state: whole, on this process's first device."""
+        return jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(self.local_devices[0]), tree)
 
     def put_state(self, state):
         """One copy of every leaf per local device, stacked on a leading device axis."""
@@ -187,6 +196,11 @@ class Fsdp(_Strategy):
     def shardings(self, tree):
         return jax.tree.map(lambda x: NamedSharding(self.mesh, self.spec(np.shape(x))), tree)
 
+    def placement(self, tree):
+        """Where a state is created or restored: straight into its shards, so that no process ever holds
+        the whole of it (initialisation compiled with these output shardings, orbax reading into them)."""
+        return self.shardings(tree)
+
     def _compile(self, state) -> None:
         """Wrap the step once the state's shapes, and so its shardings, are known."""
         if self._train is not None:
@@ -203,10 +217,13 @@ class Fsdp(_Strategy):
                              out_shardings=self._replicated)
 
     def put_state(self, state):
-        """Each device gets its slice of every leaf (each process holds the whole state to begin with)."""
+        """Each device gets its slice of every leaf; leaves already so sharded (created or restored in place)
+        stay as they are, others are sliced from a whole copy in this process."""
         self._compile(state)
 
         def put(x, sharding):
+            if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+                return x
             host = np.asarray(x)
             return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

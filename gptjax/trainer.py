@@ -39,6 +39,7 @@ from gptjax.parallel import STRATEGIES, describe, plan_batch, select_devices
 from gptjax import precision
 from gptjax.precision import auto_dtype
 from gptjax.signals import StopRequest
+from gptjax.stacked import relayout
 from gptjax.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_meta
 
 
@@ -60,10 +61,39 @@ def resolve(cfg: Config, tok: Tokenizer | None = None, given_vocab: int | None =
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
+def model_init(cfg: Config):
+    """The model's structure, and a pure function that draws its initial parameters as plain nested dicts
+    (clean names in checkpoints), for jit to compile into any layout. The blocks are drawn per layer and
+    then stacked if --model.scan_layers: a seed gives the same weights in either layout."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(cfg.model, nnx.Rngs(0))), nnx.Param)
+    per_layer = dataclasses.replace(cfg.model, scan_layers=False)
+
+    def make_params():
+        params = nnx.state(GPT(per_layer, nnx.Rngs(params=jax.random.key(cfg.train.seed))), nnx.Param)
+        return relayout(nnx.to_pure_dict(params), cfg.model.scan_layers)
+
+    return graphdef, make_params
+
+
 def init_model(cfg: Config):
-    model = GPT(cfg.model, nnx.Rngs(params=jax.random.key(cfg.train.seed)))
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, nnx.to_pure_dict(params)  # plain nested dicts: clean names in checkpoints
+    """The model's structure and its initial parameters, whole on the default device."""
+    graphdef, make_params = model_init(cfg)
+    return graphdef, jax.jit(make_params)()
+
+
+def restore_state(ckpt: Checkpointer, step: int, saved: dict, shapes: dict, strategy, stacked: bool) -> dict:
+    """The checkpoint of `step` read straight into the strategy's placement (fsdp: each process reads only
+    its own shards), in the checkpoint's layer layout, then converted to this run's (gptjax.stacked)."""
+    saved_stacked = bool(saved["config"]["model"].get("scan_layers", False))
+    like = relayout({"params": shapes["params"], "opt_state": shapes["opt_state"]}, saved_stacked)
+    like = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), like,
+                        strategy.placement(like))
+    params, opt_state = ckpt.restore(step, like["params"], like["opt_state"])
+    state = {"params": params, "opt_state": opt_state}
+    if saved_stacked != stacked:
+        state = jax.jit(lambda s: relayout(s, stacked), out_shardings=strategy.placement(
+            {"params": shapes["params"], "opt_state": shapes["opt_state"]}))(state)
+    return {**state, "step": jnp.int32(step)}
 
 
 def _check_resumable(saved: dict, cfg: Config, run_dir: Path) -> None:
@@ -71,7 +101,8 @@ def _check_resumable(saved: dict, cfg: Config, run_dir: Path) -> None:
     (its state's structure) must be those of the checkpoint. A learned tokenizer's size and merges are
     known only once the data is ready: _check_same_tokenizer then."""
     saved_cfg = from_dict(Config, saved["config"], where=" in the checkpoint's config")
-    unknown = ("dtype", "vocab_size") if cfg.data.tokenizer == "bpe" else ("dtype",)
+    # the layer layout may differ too: a checkpoint restores in either (gptjax.stacked)
+    unknown = ("dtype", "scan_layers", "vocab_size") if cfg.data.tokenizer == "bpe" else ("dtype", "scan_layers")
     diffs = [f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in {
         **{f"model.{k}": (v, getattr(cfg.model, k)) for k, v in to_dict(saved_cfg.model).items() if k not in unknown},
         "data.tokenizer": (saved_cfg.data.tokenizer, cfg.data.tokenizer),
@@ -97,8 +128,9 @@ def _adopt_source_model(cfg: Config):
     src = load(cfg.train.init_from)
     # a model reads only its own tokens: the fine-tune takes its source's tokenizer, whatever the preset's
     data = dataclasses.replace(cfg.data, tokenizer=src.tokenizer.name)
-    model = dataclasses.replace(src.config.model, dropout=cfg.model.dropout, dtype=cfg.model.dtype)
-    return dataclasses.replace(cfg, model=model, data=data), src.params, src.tokenizer
+    model = dataclasses.replace(src.config.model, dropout=cfg.model.dropout, dtype=cfg.model.dtype,
+                                scan_layers=cfg.model.scan_layers)
+    return dataclasses.replace(cfg, model=model, data=data), relayout(src.params, model.scan_layers), src.tokenizer
 
 
 def train(cfg: Config, log=print, stop_after: int | None = None) -> dict:
@@ -230,17 +262,29 @@ class Trainer:
         self.cfg, self.log, self.t, self.run_dir = cfg, log, t, run_dir
         self.ckpt = ckpt or Checkpointer(run_dir, keep=t.keep_checkpoints, then=after_failure)
 
-        self.graphdef, params = init_model(cfg)
-        if init_params is not None and latest is None:
-            params = init_params
-            log(f"init: weights from {t.init_from}")
+        self.graphdef, make_params = model_init(cfg)
         tx = make_optimizer(t)
-        opt_state = tx.init(params)
+
+        def make_state():
+            params = make_params()
+            return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+
+        shapes = jax.eval_shape(make_state)
+        self.strategy = STRATEGIES[t.parallel](self.graphdef, tx, cfg.model.dropout, self.devices,
+                                               t.on_nonfinite == "skip", loss_chunk=t.loss_chunk, remat=t.remat)
+        # created or read straight into the strategy's layout: with fsdp no process holds the whole state
         self.start = 0
         if latest is not None:
-            params, opt_state = self.ckpt.restore(latest, params, opt_state)
+            self.state = self.strategy.put_state(restore_state(self.ckpt, latest, saved, shapes, self.strategy,
+                                                               cfg.model.scan_layers))
             self.start = latest
             log(f"resume: continuing from step {latest} of {run_dir}")
+        elif init_params is not None:  # loaded whole by gptjax.load, as sampling does
+            self.state = self.strategy.put_state({"params": init_params, "opt_state": jax.jit(tx.init)(init_params),
+                                                  "step": jnp.int32(0)})
+            log(f"init: weights from {t.init_from}")
+        else:
+            self.state = self.strategy.init_state(make_state)
         run_dir.mkdir(parents=True, exist_ok=True)
         if distributed.is_primary():
             text = to_toml(cfg)
@@ -252,7 +296,7 @@ class Trainer:
         else:
             self.metrics_log = distributed.Silent()
 
-        self.n_params = count_params(params)
+        self.n_params = count_params(shapes["params"])
         self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
         peak = peak_flops(self.devices[0])
         self.flops_per_step = flops_per_token(cfg.model, self.n_params) * self.tokens_per_step
@@ -262,11 +306,8 @@ class Trainer:
             f"width {cfg.model.n_embd}, context {cfg.model.block_size}, {self.tok.name} vocabulary "
             f"{cfg.model.vocab_size}; {compute} compute ({'auto: ' if cfg.model.dtype == 'auto' else ''}{why})")
         log(f"train: {t.max_steps} steps of {self.tokens_per_step:,} tokens on {describe(self.devices)} ({t.parallel})")
-        self._check_room(checkpoint_bytes(params, opt_state))
+        self._check_room(checkpoint_bytes(shapes["params"], shapes["opt_state"]))
 
-        self.strategy = STRATEGIES[t.parallel](self.graphdef, tx, cfg.model.dropout, self.devices,
-                                               t.on_nonfinite == "skip", loss_chunk=t.loss_chunk, remat=t.remat)
-        self.state = self.strategy.put_state({"params": params, "opt_state": opt_state, "step": jnp.int32(self.start)})
         self.history = {"loss": {}, "val_loss": {}, "val_bpb": {}, "skipped": [], "tasks": {}}
         self.progress = Progress(t.max_steps, log)
         self.last_val = None

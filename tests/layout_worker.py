@@ -5,7 +5,7 @@ processes, the place among them) must be set before JAX starts, which a pytest p
       trains; process 0 writes the history (losses by step, validation losses, compilations, log)
   python tests/layout_worker.py sample RESULT.json STEP RUN_DIR ...
       on one device: restores each run's checkpoint of STEP, samples greedily from it, and writes the
-      largest parameter difference from the first run and the sample
+      largest parameter difference from the first run (per layer, whichever layout each run has) and the sample
 """
 
 import os
@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 
 import gptjax  # noqa: E402
 from gptjax.options import parse_args  # noqa: E402
+from gptjax.stacked import relayout  # noqa: E402
 from gptjax.trainer import train  # noqa: E402
 
 
@@ -42,9 +43,12 @@ def run_sample(result: str, step: int, run_dirs: list[str]) -> None:
     assert len(jax.devices()) == 1
     models = [gptjax.load(d, step=step) for d in run_dirs]
     out = {}
+    first = relayout(models[0].params, False)
     for d, m in zip(run_dirs, models):
+        params = relayout(m.params, False)
+        assert jax.tree.structure(params) == jax.tree.structure(first)
         diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                   for a, b in zip(jax.tree.leaves(m.params), jax.tree.leaves(models[0].params)))
+                   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(first)))
         out[d] = {"step": m.step, "max_param_diff": diff, "sample": m.generate("def ", max_new_tokens=8, temperature=0)}
     Path(result).write_text(json.dumps(out))
 

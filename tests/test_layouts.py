@@ -1,5 +1,6 @@
-"""Every layout trains the same model: one device, pmap and fsdp over 8 simulated devices, and
-2 processes x 4 devices on 127.0.0.1; checkpoints move between layouts; bad inputs are refused.
+"""Every layout trains the same model: one device, pmap and fsdp over 8 simulated devices (fsdp also
+with the layers scanned), and 2 processes x 4 devices on 127.0.0.1; checkpoints move between
+layouts, per-layer and stacked too; bad inputs are refused.
 
 Runs with another device count than this pytest process's 4 go through tests/layout_worker.py.
 
@@ -13,6 +14,7 @@ CPUs and XLA versions while staying far below what a real mistake does: one wron
 Parameters after 20 steps agree to 6e-6 absolute (Adam steps are 3e-3), checked at 1e-4.
 """
 
+import dataclasses
 import json
 import os
 import socket
@@ -84,20 +86,28 @@ def test_every_layout_trains_the_same_model(corpus, tmp_path):
     ref = train(cfg, log=quiet)  # one device of this process, meanwhile
     for p in procs:
         finish(p)
+    # the scanned layout after them: with a fifth process beside these, the 2-process run's process 0 twice
+    # missed JAX's 300 s shutdown barrier on a loaded 2-core machine
+    scan8 = run("scan8", 8, "--train.parallel=fsdp", "--model.scan_layers=true", "--train.remat=dots")
+    # meanwhile, resume under other device counts, strategies and layer layouts: 8-device fsdp on 1 device with
+    # the layers scanned, 2 x 4 pmap as 4-device fsdp (and below, 8-device scanned fsdp as 4-device pmap per layer)
+    resumed = [train(scanned(tiny_config(tmp_path / name, corpus, max_steps=MAX_STEPS, ckpt_interval=10,
+                                         eval_interval=STEPS, resume=True, **kw), scan), log=quiet)
+               for name, scan, kw in (("fsdp8", True, {"devices": 1}), ("two", False, {"devices": 4, "parallel": "fsdp"}))]
+    finish(scan8)
     want = [ref["loss"][s] for s in range(1, STEPS + 1)]
-    for name in ("pmap8", "fsdp8", "two"):
+    for name in ("pmap8", "fsdp8", "scan8", "two"):
         np.testing.assert_allclose(losses(tmp_path / f"{name}.json"), want, rtol=RTOL, err_msg=name)
     log = json.loads((tmp_path / "pmap8.json").read_text())["log"]
     assert "batch: 2 x 4 sequences re-cut as 1 x 8, which splits evenly over 8 cpu devices" in log
     assert "train: 24 steps of 256 tokens on 8 cpu devices (2 processes x 4) (pmap)" in json.loads(
         (tmp_path / "two.json").read_text())["log"]
 
-    # the checkpoints of step 20 restore and sample in a fresh single-device process …
-    sampler = start("sample", tmp_path / "sample.json", STEPS, tmp_path / "ref", tmp_path / "fsdp8", tmp_path / "two")
-    # … and resume under other device counts and strategies: 8-device fsdp on 1 device, 2 x 4 pmap as 4-device fsdp
-    resumed = [train(tiny_config(tmp_path / name, corpus, max_steps=MAX_STEPS, ckpt_interval=10,
-                                 eval_interval=STEPS, resume=True, **kw), log=quiet)
-               for name, kw in (("fsdp8", {"devices": 1}), ("two", {"devices": 4, "parallel": "fsdp"}))]
+    # the checkpoints of step 20 restore and sample in a fresh single-device process
+    sampler = start("sample", tmp_path / "sample.json", STEPS, tmp_path / "ref", tmp_path / "fsdp8", tmp_path / "two",
+                    tmp_path / "scan8")
+    resumed.append(train(tiny_config(tmp_path / "scan8", corpus, max_steps=MAX_STEPS, ckpt_interval=10,
+                                     eval_interval=STEPS, resume=True, devices=4), log=quiet))
     finish(sampler)
     for h in resumed:
         assert sorted(h["loss"]) == list(range(STEPS + 1, MAX_STEPS + 1))
@@ -107,6 +117,10 @@ def test_every_layout_trains_the_same_model(corpus, tmp_path):
     for d, s in samples.items():
         assert s["step"] == STEPS and s["max_param_diff"] < 1e-4, (d, s)
         assert isinstance(s["sample"], str) and s["sample"], (d, s)
+
+
+def scanned(cfg, scan: bool):
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=scan))
 
 
 def test_fsdp_holds_an_eighth_of_the_state_per_device():
