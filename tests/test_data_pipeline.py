@@ -221,7 +221,7 @@ def big_corpus(tmp_path_factory):
 
 def start_prepare(corpus, folder):
     return subprocess.Popen([sys.executable, "-m", "gptjax.data", "prepare", f"--data.corpus={corpus}",
-                             f"--data.dir={folder}", "--data.workers=1"], cwd=ROOT, stdout=subprocess.PIPE,
+                             f"--data.dir={folder}", "--data.tokenizer=gpt2", "--data.workers=1"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -265,7 +265,7 @@ def test_sigkill_sigterm_and_ctrl_c_resume_byte_identical(tmp_path, big_corpus):
 def test_workers_end_with_their_parent(tmp_path, big_corpus):
     """A killed preparation leaves no worker behind: each ends when its input closes."""
     proc = subprocess.Popen([sys.executable, "-m", "gptjax.data", "prepare", f"--data.corpus={big_corpus}",
-                             f"--data.dir={tmp_path / 'd'}", "--data.workers=2"], cwd=ROOT)
+                             f"--data.dir={tmp_path / 'd'}", "--data.tokenizer=gpt2", "--data.workers=2"], cwd=ROOT)
     deadline, children = time.time() + 30, []
     while len(children) < 2 and time.time() < deadline:
         time.sleep(0.1)
