@@ -147,7 +147,9 @@ def test_fine_tune_from_a_run_directory(corpus, tmp_path):
     assert any("init: weights from" in m for m in logs)
     assert tuned["val_loss"][0] == pytest.approx(base["val_loss"][6], rel=1e-6)
     assert load(tmp_path / "tuned").config.model.n_embd == 32
-    with pytest.raises(UserError, match="trained with the byte tokenizer"):
-        bad = dataclasses.replace(cfg, out_dir=str(tmp_path / "bad"),
-                                  data=dataclasses.replace(cfg.data, tokenizer="gpt2"))
-        train(bad, log=quiet)
+    # a fine-tune reads its source's tokens, whatever tokenizer the preset names
+    from gptjax.trainer import _adopt_source_model
+
+    other = dataclasses.replace(cfg, out_dir=str(tmp_path / "other"), data=dataclasses.replace(cfg.data, tokenizer="gpt2"))
+    adopted, _, tok = _adopt_source_model(other)
+    assert adopted.data.tokenizer == "byte" and tok.name == "byte"
