@@ -16,6 +16,8 @@ every device of every process: with several processes, each one passes only its 
 
 from __future__ import annotations
 
+import abc
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,7 +77,12 @@ def plan_batch(batch_size: int, grad_accum: int, n: int, processes: int = 1) -> 
     )
 
 
-class _Strategy:
+class Strategy(abc.ABC):
+    """What the trainer asks of a way of spreading the step over devices. A state is a dict of params,
+    opt_state and step; a batch is (micro-batch A, row B, position T) integer arrays, this process's rows
+    of the global batch (`rows`). Each strategy says where a state lives (`placement`), moves a state
+    there and back (`put_state`, `get_state`, `host_params`), and runs the compiled steps."""
+
     def __init__(self, devices: list):
         self.devices, self.n = devices, len(devices)
         self.mesh = Mesh(np.array(devices), (AXIS,))
@@ -96,8 +103,41 @@ class _Strategy:
         shapes = jax.eval_shape(make)
         return self.put_state(jax.jit(make, out_shardings=self.placement(shapes))())
 
+    @abc.abstractmethod
+    def placement(self, tree):
+        """The sharding of each leaf of `tree` (shapes) where a state is created or restored."""
 
-class Pmap(_Strategy):
+    @abc.abstractmethod
+    def put_state(self, state):
+        """A state (placed or whole) as the step takes it."""
+
+    @abc.abstractmethod
+    def get_state(self, state):
+        """The state as a checkpoint is written from it."""
+
+    @abc.abstractmethod
+    def host_params(self, state):
+        """A full copy of the parameters, for sampling and task scores; every process calls it."""
+
+    @abc.abstractmethod
+    def train_step(self, state, x_ABT, y_ABT, key):
+        """One optimizer step on a batch: (new state, metrics with loss, grad_norm and finite)."""
+
+    @abc.abstractmethod
+    def eval_loss(self, state, x_BT, y_BT):
+        """The mean loss of one batch, without an update."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def first(metrics):
+        """The step's metrics as one value each, read on the host."""
+
+    @abc.abstractmethod
+    def lower(self, state, x_ABT):
+        """The step lowered for abstract inputs, for the memory report."""
+
+
+class Pmap(Strategy):
     """Replicated state, batch split over the leading device axis."""
 
     def __init__(self, graphdef, tx: optax.GradientTransformation, dropout: float, devices: list,
@@ -175,7 +215,7 @@ def _pmean(tree):
     return jax.lax.pmean(tree, AXIS)
 
 
-class Fsdp(_Strategy):
+class Fsdp(Strategy):
     """State sharded over the devices leaf by leaf, batch sharded by rows, one jit-compiled step."""
 
     def __init__(self, graphdef, tx: optax.GradientTransformation, dropout: float, devices: list,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import dataclasses
 import functools
 import math
 from collections.abc import Iterator
@@ -14,14 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptjax.checkpoint import CHECKPOINTS, CheckpointVanished, find_checkpoint, read_meta, read_state
-from gptjax.config import Config, ModelConfig
-from gptjax.options import from_dict
+from gptjax import weights
+from gptjax.config import Config
 from gptjax.errors import UserError
 from gptjax.generate import stream_ids
 from gptjax.model import GPT
 from gptjax.stops import StopText, check_stops
-from gptjax.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_meta
+from gptjax.tokenizer import Tokenizer, get_tokenizer
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -165,60 +163,14 @@ class Pretrained:
                 f"width {m.n_embd}, context {m.block_size}, tokenizer {self.tokenizer.name!r})")
 
 
-def with_dtype(config: Config, dtype: str | None) -> Config:
-    """The config with another compute dtype (float32, bfloat16 or auto); None keeps the checkpoint's."""
-    if dtype is None:
-        return config
-    if dtype not in ("float32", "bfloat16", "auto"):
-        raise UserError(f"dtype must be float32, bfloat16 or auto; got {dtype!r}.")
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=dtype))
-
-
-MAX_VANISHED = 20  # checkpoints deleted under a reader in a row before it gives up
-
-
-@functools.lru_cache(maxsize=8)
-def _abstract_model(model_cfg: ModelConfig):
-    """The model's graph and its parameters' shapes, built once per shape: a notebook that reloads a
-    training run every few seconds pays for this once."""
-    graphdef, params_like = nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))), nnx.Param)
-    return graphdef, nnx.to_pure_dict(params_like)
-
-
-def _read(run_dir: Path, step: int, dtype: str | None) -> Pretrained:
-    meta = read_meta(run_dir / CHECKPOINTS, step)
-    config = with_dtype(from_dict(Config, meta["config"], where=" in the checkpoint's config"), dtype)
-    graphdef, params_like = _abstract_model(config.model)
-    params, _ = read_state(run_dir / CHECKPOINTS, step, params_like)
-    return Pretrained(config, graphdef, params, step, run_dir, tokenizer_from_meta(meta))
-
-
 def load(path: str | Path, step: int | None = None, dtype: str | None = None) -> Pretrained:
     """Restore the parameters of a run directory's latest checkpoint (or of `step`) on the default device.
 
     A run that is still training may delete a checkpoint (retention) while it is being read: the
     newest complete one is then read instead, so loading a live run always gives its newest model.
-    'hf:DIR' reads a local Hugging Face GPT-2 folder instead (gptjax.convert). `dtype` sets the compute
+    'hf:DIR' reads a local Hugging Face GPT-2 folder instead (gptjax.hf). `dtype` sets the compute
     dtype: bfloat16 reads half the bytes per decoded token; parameters are kept as stored.
     """
-    if str(path).startswith("hf:"):
-        from gptjax.convert import load_hf  # imported here: convert imports this module
-
-        pretrained = load_hf(path, step)
-        if dtype is None:
-            return pretrained
-        config = with_dtype(pretrained.config, dtype)
-        graphdef, _ = _abstract_model(config.model)
-        return Pretrained(config, graphdef, pretrained.params, pretrained.step, pretrained.path, pretrained.tokenizer)
-    one_step = (step is not None and step >= 0) or Path(path).name.isdigit()
-    for _ in range(MAX_VANISHED):
-        run_dir, chosen = find_checkpoint(path, step)
-        try:
-            return _read(run_dir, chosen, dtype)
-        except CheckpointVanished as e:
-            if one_step:  # that step was asked for: no other will do
-                raise
-            vanished = e
-    raise UserError(f"{MAX_VANISHED} checkpoints of {run_dir} in a row were deleted while they were being read: "
-                    f"the run writes them faster than they can be read here. Read one step that it keeps "
-                    f"(step=...), or raise its --train.ckpt_interval. The last one: {vanished}")
+    source = weights.read(path, step, dtype)
+    graphdef, _ = weights.abstract_model(source.config.model)
+    return Pretrained(source.config, graphdef, source.params, source.step, source.path, source.tokenizer)

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax import data as data_lib
-from gptjax import disk, distributed, wandb_log
+from gptjax import disk, distributed, wandb_log, weights
 from gptjax.checkpoint import CHECKPOINTS, Checkpointer, checkpoint_bytes, list_steps, remove_partial
 from gptjax.config import Config
 from gptjax.options import from_dict, to_dict, to_toml
@@ -121,16 +121,14 @@ def _check_same_tokenizer(saved: dict, tok: Tokenizer, run_dir: Path) -> None:
 
 
 def _adopt_source_model(cfg: Config):
-    """For --train.init_from: the source's model shape (keeping this run's dropout and dtype), its weights
-    and its tokenizer (a learned one then tokenizes this run's corpus too)."""
-    from gptjax.pretrained import load
-
-    src = load(cfg.train.init_from)
+    """For --train.init_from: the config with the source's model shape (keeping this run's dropout, dtype
+    and layer layout) and tokenizer (a learned one then tokenizes this run's corpus too), and the source."""
+    src = weights.read(cfg.train.init_from)
     # a model reads only its own tokens: the fine-tune takes its source's tokenizer, whatever the preset's
     data = dataclasses.replace(cfg.data, tokenizer=src.tokenizer.name)
     model = dataclasses.replace(src.config.model, dropout=cfg.model.dropout, dtype=cfg.model.dtype,
                                 scan_layers=cfg.model.scan_layers)
-    return dataclasses.replace(cfg, model=model, data=data), relayout(src.params, model.scan_layers), src.tokenizer
+    return dataclasses.replace(cfg, model=model, data=data), src
 
 
 def train(cfg: Config, log=print, stop_after: int | None = None) -> dict:
@@ -204,64 +202,108 @@ def _read_tasks(spec: str, tok, block_size: int, log) -> list:
     return tasks
 
 
+AFTER_FAILURE = ("run the same command with --train.resume=true: it continues from the newest intact "
+                 "checkpoint exactly as if nothing had stopped it")
+
+
 class Trainer:
+    """One run in `cfg.out_dir`, set up by the steps of __init__ in their order: each decides one thing
+    and checks what it can before the next, more costly one (inputs before data, data before the model)."""
+
     def __init__(self, cfg: Config, log=print):
         """Set up a run in `cfg.out_dir`, whose lock the caller holds (train() takes it)."""
         if not distributed.is_primary():
             log = lambda *_: None  # noqa: E731  process 0 speaks for the run
+        self.log, self.run_dir = log, Path(cfg.out_dir)
+        self.ckpt = self.metrics_log = None
+        cfg, given_vocab, source = self._settle_config(cfg)
+        self._read_tasks_early(cfg, source)
+        latest, saved = self._find_resume_point(cfg)
+        self._plan_devices(cfg.train)
+        cfg = self._load_data(cfg, given_vocab, source, latest, saved)
+        self.cfg, self.t = cfg, cfg.train
+        self.ckpt = self.ckpt or Checkpointer(self.run_dir, keep=self.t.keep_checkpoints, then=AFTER_FAILURE)
+        shapes = self._build_state(cfg, latest, saved, source)
+        self._open_run_files(cfg, resuming=latest is not None)
+        self._announce(cfg, shapes)
+        self.history = {"loss": {}, "val_loss": {}, "val_bpb": {}, "skipped": [], "tasks": {}}
+        self.progress = Progress(self.t.max_steps, log)
+        self.last_val = None
+        self.window_losses, self.window_tokens, self.window_bytes = [], 0, 0
+        self.done = self.start
+        self.interrupted = ""
+
+    def _settle_config(self, cfg: Config):
+        """The run's config with the vocabulary size filled in, and for a fine-tune its source's model and
+        tokenizer. Returns (cfg, the vocabulary size as given, the fine-tune's source or None)."""
         given_vocab = cfg.model.vocab_size
         cfg = resolve(cfg)
-        init_params = source_tok = None
         if cfg.train.wandb:
             wandb_log.check_installed(cfg.train.wandb)
+        source = None
         if cfg.train.init_from:
-            cfg, init_params, source_tok = _adopt_source_model(cfg)
+            cfg, source = _adopt_source_model(cfg)
             given_vocab = cfg.model.vocab_size
-        t = cfg.train
-        run_dir = Path(cfg.out_dir)
-        self.ckpt = self.metrics_log = None
-        # task files are read before any data is prepared, so that their mistakes cost nothing; a
-        # tokenizer learned from the corpus is known only once the data is, so then after it
-        known_tok = source_tok or (None if cfg.data.tokenizer == "bpe" else get_tokenizer(cfg.data.tokenizer))
-        self.tasks = _read_tasks(t.eval_tasks, known_tok, cfg.model.block_size, log) if known_tok else []
+        return cfg, given_vocab, source
 
+    def _read_tasks_early(self, cfg: Config, source) -> None:
+        """Task files are read before any data is prepared, so that their mistakes cost nothing; a
+        tokenizer learned from the corpus is known only once the data is, and its tasks are read then."""
+        self.known_tok = source.tokenizer if source else (
+            None if cfg.data.tokenizer == "bpe" else get_tokenizer(cfg.data.tokenizer))
+        self.tasks = _read_tasks(cfg.train.eval_tasks, self.known_tok, cfg.model.block_size, self.log) \
+            if self.known_tok else []
+
+    def _find_resume_point(self, cfg: Config):
+        """The newest intact checkpoint to continue from, or None for a new run; refuses to write over a
+        run that was not asked to resume, and a checkpoint of another model. Returns (step, its meta)."""
+        t, run_dir = cfg.train, self.run_dir
         # open (and so create) the checkpoint folder only once the inputs have been checked
         existing = (run_dir / CHECKPOINTS).is_dir()
         if existing and distributed.is_primary():
             remove_partial(run_dir / CHECKPOINTS)  # left by a save that was killed or refused by a full disk
-        after_failure = ("run the same command with --train.resume=true: it continues from the newest intact "
-                         "checkpoint exactly as if nothing had stopped it")
-        ckpt = Checkpointer(run_dir, keep=t.keep_checkpoints, create=False, then=after_failure) if existing else None
-        latest = ckpt.latest_step() if ckpt else None
+        if existing:
+            self.ckpt = Checkpointer(run_dir, keep=t.keep_checkpoints, create=False, then=AFTER_FAILURE)
+        latest = self.ckpt.latest_step() if self.ckpt else None
         if latest is not None and not t.resume:
             raise UserError(f"{run_dir} already holds checkpoints (latest: step {latest}). Pass --train.resume=true "
                             "to continue that run, or choose another --out_dir; nothing was changed.")
         if t.resume and latest is None:
-            log(f"resume: no checkpoint in {run_dir} yet; starting from scratch")
-        self.elapsed_before = 0.0
+            self.log(f"resume: no checkpoint in {run_dir} yet; starting from scratch")
+        self.elapsed_before, saved = 0.0, None
         if latest is not None:
-            saved = ckpt.read_meta(latest)
+            saved = self.ckpt.read_meta(latest)
             _check_resumable(saved, cfg, run_dir)
             self.elapsed_before = float(saved.get("elapsed_s", 0.0))
+        return latest, saved
 
+    def _plan_devices(self, t) -> None:
+        """The devices, and the batch cut into micro-batches that split evenly over them."""
         self.devices = select_devices(t.devices)
         self.accum, self.micro = plan_batch(t.batch_size, t.grad_accum, len(self.devices), jax.process_count())
         if (self.accum, self.micro) != (t.grad_accum, t.batch_size):
-            log(f"batch: {t.grad_accum} x {t.batch_size} sequences re-cut as {self.accum} x {self.micro}, which "
-                f"splits evenly over {describe(self.devices)}")
-        self.ds = distributed.process_0_first(lambda: data_lib.load(cfg.data, run_dir / "data", log=log,
-                                                                    tokenizer=source_tok))
+            self.log(f"batch: {t.grad_accum} x {t.batch_size} sequences re-cut as {self.accum} x {self.micro}, "
+                     f"which splits evenly over {describe(self.devices)}")
+
+    def _load_data(self, cfg: Config, given_vocab, source, latest, saved) -> Config:
+        """The token shards (prepared by process 0 first, if they are not ready) and their tokenizer;
+        the config with the vocabulary a learned tokenizer has, checked against the checkpoint's."""
+        self.ds = distributed.process_0_first(lambda: data_lib.load(
+            cfg.data, self.run_dir / "data", log=self.log, tokenizer=source.tokenizer if source else None))
         data_lib.check_fits(self.ds, cfg.model.block_size)
         self.tok = self.ds.tokenizer
-        if known_tok is None:
-            self.tasks = _read_tasks(t.eval_tasks, self.tok, cfg.model.block_size, log)
+        if self.known_tok is None:
+            self.tasks = _read_tasks(cfg.train.eval_tasks, self.tok, cfg.model.block_size, self.log)
         cfg = resolve(cfg, self.tok, given_vocab)  # the size a learned tokenizer has
         if latest is not None and self.tok.ranks_text:
-            _check_same_tokenizer(saved, self.tok, run_dir)
-            _check_resumable(saved, cfg, run_dir)
-        self.cfg, self.log, self.t, self.run_dir = cfg, log, t, run_dir
-        self.ckpt = ckpt or Checkpointer(run_dir, keep=t.keep_checkpoints, then=after_failure)
+            _check_same_tokenizer(saved, self.tok, self.run_dir)
+            _check_resumable(saved, cfg, self.run_dir)
+        return cfg
 
+    def _build_state(self, cfg: Config, latest, saved, source) -> dict:
+        """The strategy, and the training state created, restored or taken from the fine-tune's source
+        straight into its layout: with fsdp no process holds the whole state. Returns its shapes."""
+        t = cfg.train
         self.graphdef, make_params = model_init(cfg)
         tx = make_optimizer(t)
 
@@ -272,51 +314,52 @@ class Trainer:
         shapes = jax.eval_shape(make_state)
         self.strategy = STRATEGIES[t.parallel](self.graphdef, tx, cfg.model.dropout, self.devices,
                                                t.on_nonfinite == "skip", loss_chunk=t.loss_chunk, remat=t.remat)
-        # created or read straight into the strategy's layout: with fsdp no process holds the whole state
         self.start = 0
         if latest is not None:
             self.state = self.strategy.put_state(restore_state(self.ckpt, latest, saved, shapes, self.strategy,
                                                                cfg.model.scan_layers))
             self.start = latest
-            log(f"resume: continuing from step {latest} of {run_dir}")
-        elif init_params is not None:  # loaded whole by gptjax.load, as sampling does
-            self.state = self.strategy.put_state({"params": init_params, "opt_state": jax.jit(tx.init)(init_params),
+            self.log(f"resume: continuing from step {latest} of {self.run_dir}")
+        elif source is not None:  # read whole, as sampling reads it
+            params = relayout(source.params, cfg.model.scan_layers)
+            self.state = self.strategy.put_state({"params": params, "opt_state": jax.jit(tx.init)(params),
                                                   "step": jnp.int32(0)})
-            log(f"init: weights from {t.init_from}")
+            self.log(f"init: weights from {t.init_from}")
         else:
             self.state = self.strategy.init_state(make_state)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if distributed.is_primary():
-            text = to_toml(cfg)
-            with disk.writing(run_dir / "config.toml", "the run's config", len(text)):
-                (run_dir / "config.toml").write_text(text)
-            resuming = latest is not None
-            others = [wandb_log.WandbLog(cfg, run_dir, resuming)] if t.wandb else []
-            self.metrics_log = MetricsLog(run_dir, self.start if resuming else None, others, then=after_failure)
-        else:
-            self.metrics_log = distributed.Silent()
+        return shapes
 
+    def _open_run_files(self, cfg: Config, resuming: bool) -> None:
+        """config.toml and the metrics logs (metrics.jsonl, TensorBoard, W&B), by process 0 only."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not distributed.is_primary():
+            self.metrics_log = distributed.Silent()
+            return
+        text = to_toml(cfg)
+        with disk.writing(self.run_dir / "config.toml", "the run's config", len(text)):
+            (self.run_dir / "config.toml").write_text(text)
+        others = [wandb_log.WandbLog(cfg, self.run_dir, resuming)] if cfg.train.wandb else []
+        self.metrics_log = MetricsLog(self.run_dir, self.start if resuming else None, others, then=AFTER_FAILURE)
+
+    def _announce(self, cfg: Config, shapes: dict) -> None:
+        """The run's header (model, compute dtype and why, steps and devices), the FLOPs that MFU is
+        measured by, the disk room for the checkpoints, and the bytes of the validation text."""
+        t = cfg.train
         self.n_params = count_params(shapes["params"])
         self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
         peak = peak_flops(self.devices[0])
         self.flops_per_step = flops_per_token(cfg.model, self.n_params) * self.tokens_per_step
         self.peak = peak * len(self.devices) if peak else None
         compute, why = (auto_dtype() if cfg.model.dtype == "auto" else (cfg.model.dtype, "as set"))
-        log(f"model: {self.n_params / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_head} heads, "
-            f"width {cfg.model.n_embd}, context {cfg.model.block_size}, {self.tok.name} vocabulary "
-            f"{cfg.model.vocab_size}; {compute} compute ({'auto: ' if cfg.model.dtype == 'auto' else ''}{why})")
-        log(f"train: {t.max_steps} steps of {self.tokens_per_step:,} tokens on {describe(self.devices)} ({t.parallel})")
+        self.log(f"model: {self.n_params / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_head} "
+                 f"heads, width {cfg.model.n_embd}, context {cfg.model.block_size}, {self.tok.name} vocabulary "
+                 f"{cfg.model.vocab_size}; {compute} compute ({'auto: ' if cfg.model.dtype == 'auto' else ''}{why})")
+        self.log(f"train: {t.max_steps} steps of {self.tokens_per_step:,} tokens on {describe(self.devices)} "
+                 f"({t.parallel})")
         self._check_room(checkpoint_bytes(shapes["params"], shapes["opt_state"]))
-
-        self.history = {"loss": {}, "val_loss": {}, "val_bpb": {}, "skipped": [], "tasks": {}}
-        self.progress = Progress(t.max_steps, log)
-        self.last_val = None
-        self.window_losses, self.window_tokens, self.window_bytes = [], 0, 0
         # the validation batches are the same at every evaluation: the bytes their targets cover, once
         self.val_bytes = sum(self.tok.count_bytes(data_lib.val_batch(self.ds, cfg.model.block_size, t.seed, i,
                                                                      self.micro)[1]) for i in range(t.eval_batches))
-        self.done = self.start
-        self.interrupted = ""
 
     def _check_room(self, ckpt_bytes: int) -> None:
         """Warn now, not hours later, when the disk cannot hold the checkpoints that retention keeps

@@ -96,6 +96,6 @@ def test_a_bpe_run_carries_its_tokenizer_and_a_fine_tune_keeps_it(corpus, tmp_pa
     assert load(tmp_path / "tuned").tokenizer.ranks_text == learned
 
     with pytest.raises(UserError, match="--data.tokenizer=bpe .* cannot be exported"):
-        from gptjax.convert import save_hf
+        from gptjax.hf import save_hf
 
         save_hf(model.config, model.params, tmp_path / "hf")

@@ -22,7 +22,7 @@ transformers.logging.disable_progress_bar()
 
 import gptjax  # noqa: E402
 from conftest import ROOT  # noqa: E402
-from gptjax import convert  # noqa: E402
+from gptjax import convert, hf  # noqa: E402
 from gptjax.checkpoint import flatten, unflatten  # noqa: E402
 from gptjax.config import Config, DataConfig, ModelConfig  # noqa: E402
 from gptjax.options import parse_args  # noqa: E402
@@ -69,7 +69,7 @@ def logits(cfg: ModelConfig, params, ids):
 def test_logits_and_greedy_match_transformers(name, tmp_path):
     shape = SHAPES[name]
     hf_model = make_hf(tmp_path, **shape)
-    config, params = convert.from_hf(tmp_path)
+    config, params = hf.from_hf(tmp_path)
     cfg = config.model
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size) == tuple(shape.values())
     assert config.data.tokenizer == "gpt2"
@@ -108,12 +108,12 @@ def test_other_file_layouts_read_alike(tmp_path):
     (tmp_path / "bin").mkdir()
     torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
-    a = convert.from_hf(tmp_path / "st")[1]
+    a = hf.from_hf(tmp_path / "st")[1]
     for other in (tmp_path / "shards", f"hf:{tmp_path / 'bin'}"):
-        assert jax.tree.all(jax.tree.map(np.array_equal, a, convert.from_hf(other)[1]))
+        assert jax.tree.all(jax.tree.map(np.array_equal, a, hf.from_hf(other)[1]))
     (tmp_path / "st" / "model.safetensors").write_bytes(b"\x00" * 100)
     with pytest.raises(UserError, match="model.safetensors cannot be read"):
-        convert.from_hf(tmp_path / "st")
+        hf.from_hf(tmp_path / "st")
 
 
 def test_a_pickle_holding_more_than_tensors_is_refused_and_nothing_runs(tmp_path):
@@ -128,7 +128,7 @@ def test_a_pickle_holding_more_than_tensors_is_refused_and_nothing_runs(tmp_path
 
     torch.save({"wte.weight": torch.zeros(64, 8), "payload": RunsCode()}, folder / "pytorch_model.bin")
     with pytest.raises(UserError) as error:
-        convert.from_hf(folder)
+        hf.from_hf(folder)
     message = str(error.value)
     assert "pytorch_model.bin holds objects other than tensors (it names posix.mkdir)" in message
     assert "will not be loaded" in message and "safetensors" in message
@@ -141,15 +141,15 @@ def test_a_pickle_holding_more_than_tensors_is_refused_and_nothing_runs(tmp_path
     torch.save({"wte.weight": torch.zeros(64, 8)}, whole)
     (folder / "pytorch_model.bin").write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
     with pytest.raises(UserError, match=r"pytorch_model.bin cannot be read: it ends early.*is it complete\?"):
-        convert.from_hf(folder)
+        hf.from_hf(folder)
 
 
 def test_hf_round_trip_is_bit_exact(tmp_path):
     from safetensors.numpy import load_file
 
     make_hf(tmp_path / "a", **SHAPES["3L-5H-40D-V50257"])
-    config, params = convert.from_hf(tmp_path / "a")
-    convert.save_hf(config, params, tmp_path / "b")
+    config, params = hf.from_hf(tmp_path / "a")
+    hf.save_hf(config, params, tmp_path / "b")
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -158,9 +158,9 @@ def test_gptjax_round_trip_through_transformers(tmp_path):
     cfg = ModelConfig(n_layer=2, n_head=3, n_embd=24, block_size=20, vocab_size=100)  # padded to 128
     config = Config(model=cfg, data=DataConfig(tokenizer="gpt2"))
     rng = np.random.default_rng(3)  # every tensor random, the padded embedding rows too
-    params = unflatten(convert.abstract_params(cfg),
-                       {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in convert.param_shapes(cfg).items()})
-    convert.save_hf(config, params, tmp_path / "hf")
+    params = unflatten(hf.abstract_params(cfg),
+                       {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in hf.param_shapes(cfg).items()})
+    hf.save_hf(config, params, tmp_path / "hf")
 
     hf_model, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
@@ -168,7 +168,7 @@ def test_gptjax_round_trip_through_transformers(tmp_path):
     ours = logits(cfg, params, ids)[..., :100]
     assert np.max(np.abs(ours - hf_logits(hf_model.eval(), ids))) <= 1e-4
 
-    back_config, back = convert.from_hf(tmp_path / "hf")
+    back_config, back = hf.from_hf(tmp_path / "hf")
     assert back_config.model == cfg
     flat, flat_back = flatten(params), flatten(back)
     assert flat.keys() == flat_back.keys()
@@ -184,9 +184,9 @@ def test_export_without_biases_and_with_sincos_positions(tmp_path):
     """HF's GPT-2 always has biases and a learned position table: zeros and the sine/cosine table do the same."""
     cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=10, vocab_size=70, bias=False, pos_encoding="sincos")
     rng = np.random.default_rng(4)
-    params = unflatten(convert.abstract_params(cfg),
-                       {k: rng.normal(0, 0.3, s).astype(np.float32) for k, s in convert.param_shapes(cfg).items()})
-    convert.save_hf(Config(model=cfg, data=DataConfig(tokenizer="byte")), params, tmp_path)
+    params = unflatten(hf.abstract_params(cfg),
+                       {k: rng.normal(0, 0.3, s).astype(np.float32) for k, s in hf.param_shapes(cfg).items()})
+    hf.save_hf(Config(model=cfg, data=DataConfig(tokenizer="byte")), params, tmp_path)
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert hf_model.config.eos_token_id is None  # the byte tokenizer's end-of-text, 256, is outside this vocabulary
     ids = np.random.default_rng(5).integers(0, 70, (2, 10))
@@ -237,7 +237,7 @@ def test_refuses_what_it_cannot_reproduce(tmp_path, changes, fragments):
     make_hf(tmp_path, **{**SHAPES["1L-1H-8D-V64"], "n_positions": 16})
     _edit_config(tmp_path, **changes)
     with pytest.raises(UserError) as e:
-        convert.from_hf(tmp_path)
+        hf.from_hf(tmp_path)
     for f in fragments:
         assert f in str(e.value), str(e.value)
 
@@ -267,9 +267,9 @@ def test_refuses_missing_and_extra_tensors(tmp_path, capsys):
 def test_gpt2_presets_have_the_parameter_counts_of_transformers(preset, expected):
     cfg = parse_args([f"--config={preset}"]).model
     cfg = dataclasses.replace(cfg, vocab_size=50257)
-    shapes = convert.param_shapes(cfg)  # abstract: nothing allocated
+    shapes = hf.param_shapes(cfg)  # abstract: nothing allocated
     ours = sum(int(np.prod(s)) for s in shapes.values()) - (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
-    hf_cfg = transformers.GPT2Config(**convert.hf_config(Config(model=cfg)))
+    hf_cfg = transformers.GPT2Config(**hf.hf_config(Config(model=cfg)))
     with torch.device("meta"):
         hf_model = transformers.GPT2LMHeadModel(hf_cfg)
     assert ours == sum(p.numel() for p in hf_model.parameters()) == expected

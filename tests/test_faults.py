@@ -179,9 +179,9 @@ def test_a_full_disk_while_preparing_data_keeps_the_work_done(small_disk, tmp_pa
 
 
 def test_metrics_plot_and_conversion_on_a_full_disk(small_disk, tmp_path):
-    from gptjax import convert, plot
+    from gptjax import hf, plot
     from gptjax.config import Config, ModelConfig
-    from gptjax.convert import abstract_params
+    from gptjax.hf import abstract_params
     from gptjax.metrics import MetricsLog
 
     run = small_disk / "run"
@@ -207,7 +207,7 @@ def test_metrics_plot_and_conversion_on_a_full_disk(small_disk, tmp_path):
     config = Config(model=ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64))
     params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), abstract_params(config.model))
     with pytest.raises(UserError, match=r"writing the converted model to .*hf needs about [\d.]+ (kB|MB), and 0 bytes"):
-        convert.save_hf(config, params, small_disk / "hf")
+        hf.save_hf(config, params, small_disk / "hf")
     assert not (small_disk / "hf").exists()
     ballast.unlink()  # so that tensorboardX's own last flush, at exit, finds room
 
@@ -272,7 +272,7 @@ def test_the_next_newest_is_read_when_the_chosen_one_is_deleted_under_the_reader
     """The race of the test above, made certain: retention deletes the checkpoint that load() chose
     after it chose it and before it read the parameters."""
     from conftest import tiny_config
-    from gptjax import pretrained
+    from gptjax import weights
     from gptjax.checkpoint import Checkpointer
     from gptjax.options import to_dict
     from gptjax.trainer import init_model, resolve
@@ -284,7 +284,7 @@ def test_the_next_newest_is_read_when_the_chosen_one_is_deleted_under_the_reader
     for step in (1, 2, 3, 4):  # as a run writes them, without its optimizer state
         ckpt.save(step, params, {}, {"step": step, "config": to_dict(cfg), "tokenizer": "byte", "val_loss": None})
     ckpt.close()
-    real_read_state, deleted = pretrained.read_state, []
+    real_read_state, deleted = weights.read_state, []
 
     def read_state_after_retention(ckpt_dir, step, *args):
         if not deleted:
@@ -292,7 +292,7 @@ def test_the_next_newest_is_read_when_the_chosen_one_is_deleted_under_the_reader
             deleted.append(step)
         return real_read_state(ckpt_dir, step, *args)
 
-    monkeypatch.setattr(pretrained, "read_state", read_state_after_retention)
+    monkeypatch.setattr(weights, "read_state", read_state_after_retention)
     assert load(run).step == 3 and deleted == [4]
     with pytest.raises(CheckpointVanished, match="checkpoints/3 vanished while it was being read"):
         deleted.clear()

@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from conftest import ROOT, make_corpus
-from gptjax import convert
+from gptjax import convert, hf
 from gptjax.checkpoint import flatten
 
 # the full GPT-2 vocabulary (fine-tuning tokenizes with it), everything else tiny
@@ -48,7 +48,7 @@ def write_hf_folder(path, dtype=np.float32, **shape) -> dict:
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
 def test_half_precision_files_are_read_as_float32(tmp_path, dtype):
     tensors = write_hf_folder(tmp_path / "hf", dtype=dtype, **{**SHAPE, "vocab_size": 100})
-    _, params = convert.from_hf(tmp_path / "hf")
+    _, params = hf.from_hf(tmp_path / "hf")
     kernel = np.asarray(flatten(params)["h/1/mlp/c_fc/kernel"])
     assert kernel.dtype == np.float32
     assert np.array_equal(kernel, tensors["transformer.h.1.mlp.c_fc.weight"].astype(np.float32))

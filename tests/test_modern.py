@@ -90,7 +90,7 @@ def test_bits_per_byte_in_metrics_and_on_a_loaded_model(corpus, tmp_path):
 
 
 def test_sampling_dtype_and_export_of_a_modern_model(corpus, tmp_path):
-    from gptjax.convert import save_hf
+    from gptjax.hf import save_hf
 
     train(modern_config(tmp_path / "run", corpus, max_steps=2), log=quiet)
     f32 = load(tmp_path / "run", dtype="float32")

@@ -12,7 +12,7 @@ from flax import nnx
 
 import gptjax
 from conftest import tiny_config
-from gptjax import convert
+from gptjax import hf
 from gptjax.checkpoint import flatten
 from gptjax.model import GPT
 from gptjax.stacked import relayout
@@ -74,8 +74,8 @@ def test_scanned_training_and_checkpoints_cross_layouts(corpus, tmp_path):
     assert scanned.config.model.scan_layers and not looped.config.model.scan_layers
     assert scanned.generate("def ", max_new_tokens=8, temperature=0) == looped.generate("def ", max_new_tokens=8,
                                                                                           temperature=0)
-    tensors = convert.hf_tensors(scanned.config.model, scanned.params)
-    want = convert.hf_tensors(looped.config.model, looped.params)
+    tensors = hf.hf_tensors(scanned.config.model, scanned.params)
+    want = hf.hf_tensors(looped.config.model, looped.params)
     assert sorted(tensors) == sorted(want) and "transformer.h.1.attn.c_attn.weight" in tensors
     for k in want:  # Muon's batched Newton-Schulz on the stacked matrices rounds apart by ~1e-6 in 3 steps
         np.testing.assert_allclose(tensors[k], want[k], atol=1e-5)

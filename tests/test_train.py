@@ -151,5 +151,5 @@ def test_fine_tune_from_a_run_directory(corpus, tmp_path):
     from gptjax.trainer import _adopt_source_model
 
     other = dataclasses.replace(cfg, out_dir=str(tmp_path / "other"), data=dataclasses.replace(cfg.data, tokenizer="gpt2"))
-    adopted, _, tok = _adopt_source_model(other)
-    assert adopted.data.tokenizer == "byte" and tok.name == "byte"
+    adopted, source = _adopt_source_model(other)
+    assert adopted.data.tokenizer == "byte" and source.tokenizer.name == "byte"
