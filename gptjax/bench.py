@@ -3,7 +3,7 @@
   python -m gptjax.bench sample [--compare torch] [--model reference|gpt2-124m] [--batch 1 16] ...
   python -m gptjax.bench train [--compare torch] [--steps 5] [--rounds 5] [--config=PRESET --section.key=value ...]
   python -m gptjax.bench data [--data.corpus=SPEC --data.workers=N ...] [--sample-mb 64]
-  python -m gptjax.bench quality [--budget 300] [--arms gpt2,rope,...,NAME:OPTIONS] [--half]
+  python -m gptjax.bench quality [--budget 300] [--arms gpt2,rope,...,NAME:OPTIONS] [--half] [--steps N]
 
 `sample` times decoding (gptjax.bench_sample), `train` the training step (gptjax.bench_train),
 `data` the preparation of token shards (gptjax.bench_data) and `quality` what each option reaches
@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
                               "combine), or NAME:OPTIONS for options of its own ('old:--config=cpu-gpt2'); the "
                               "first is the reference of the last column (default: the baseline and every lever)")
     quality.add_argument("--half", action="store_true", help="also run the last arm in half the budget")
+    quality.add_argument("--steps", type=int, default=0, help="train every arm this many steps instead of timing "
+                                                             "it against the budget (options that do not change "
+                                                             "the step's cost compare exactly, on a busy machine too)")
     quality.add_argument("--out", default="out/quality", help="where the runs and quality.json go (default: "
                                                              "out/quality)")
     quality.set_defaults(run=_bench_quality)

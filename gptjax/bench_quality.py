@@ -3,9 +3,13 @@
 Each arm is a set of train.py options on top of a baseline, GPT-2's architecture with AdamW and
 GPT-2's tokenizer at the CPU shape (the cpu-gpt2 preset, what `python train.py` ran before the
 modern options), or options of its own on top of a preset.
-For each arm the training step is timed first (the trainer's own step on random tokens, as `bench
-train` does), the number of steps that fits the budget is set (warm-up 8% of them, cosine decay to
-the end), and train.py runs it on the default corpus. Then every arm is scored on the same text: the
+Every arm's training step is timed first, before any arm trains (the trainer's own step on random
+tokens, as `bench train` does, in rounds that alternate between the arms, so that a machine whose
+speed drifts slows them alike); then for each arm the number of steps that fits the budget is set
+(warm-up 8% of them, cosine decay to the end) and train.py runs it on the default corpus. Only the
+timing needs a quiet machine: the training that follows is the same number of steps however long it
+takes. `--steps N` trains every arm N steps instead, which compares options that do not change the
+step's cost (learning rates, schedules) exactly. Then every arm is scored on the same text: the
 validation documents of the default corpus (the same documents for every tokenizer, since the split
 is by document), each scored from its start (after end-of-text), in windows of the model's context,
 as bits per UTF-8 byte. Tokenizer-independent, so a learned tokenizer, GPT-2's and bytes compare.
@@ -61,19 +65,25 @@ def arm_options(spec: str) -> list[str]:
     return options
 
 
-def step_seconds(options: list[str]) -> float:
-    """The median seconds of the arm's training step, timed as `bench train` times it."""
+def step_seconds(arms: list[tuple[str, list[str]]], rounds: int = 3) -> dict[str, float]:
+    """The median seconds of each arm's training step, timed as `bench train` times it, in rounds that
+    alternate between the arms."""
     from gptjax.bench_train import GptjaxRunner, configure
 
-    runner = GptjaxRunner(configure(options))
-    runner(2)  # compile and settle
-    return statistics.median(runner(2) / 2 for _ in range(3))
+    runners = {}
+    for name, options in arms:
+        if name not in runners:
+            runners[name] = GptjaxRunner(configure(options))
+            runners[name](2)  # compile and settle
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            times[name].append(runner(2) / 2)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def train_arm(name: str, options: list[str], budget: float, out: Path, data_dir: Path) -> dict:
-    """Train the arm for about `budget` seconds of steps; return what it did."""
-    seconds = step_seconds(options)
-    steps = max(20, int(budget / seconds))
+def train_arm(name: str, options: list[str], steps: int, out: Path, data_dir: Path) -> dict:
+    """Train the arm `steps` steps on the default corpus; return what it did."""
     run_dir = out / name
     from gptjax.options import parse_args
 
@@ -83,7 +93,6 @@ def train_arm(name: str, options: list[str], budget: float, out: Path, data_dir:
             f"--out_dir={run_dir}", f"--data.dir={data_dir / (data_cfg.tokenizer + vocab)}", f"--train.max_steps={steps}",
             f"--train.warmup_steps={max(1, steps * 8 // 100)}", f"--train.eval_interval={steps}",
             f"--train.ckpt_interval={steps}", "--train.sample_tokens=0", f"--train.log_interval={max(1, steps // 10)}"]
-    print(f"{name}: {seconds * 1e3:,.0f} ms/step -> {steps} steps; {' '.join(options)}", flush=True)
     start = time.time()
     proc = subprocess.run(argv, capture_output=True, text=True)
     wall = time.time() - start
@@ -91,7 +100,7 @@ def train_arm(name: str, options: list[str], budget: float, out: Path, data_dir:
         raise SystemExit(f"error: arm {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last_train = [r for r in records if "loss" in r][-1]
-    return {"name": name, "options": options, "step_s": seconds, "steps": steps, "wall_s": wall,
+    return {"name": name, "options": options, "steps": steps, "wall_s": wall,
             "train_s": last_train["elapsed_s"], "train_loss": last_train["loss"]}
 
 
@@ -154,7 +163,8 @@ def bench_quality(args, rest: list[str]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    print(f"gptjax bench quality: {len(arms)} arms of {args.budget:.0f} s of training each on the default corpus; "
+    each = f"{args.steps} steps" if args.steps else f"{args.budget:.0f} s of training"
+    print(f"gptjax bench quality: {len(arms)} arms of {each} each on the default corpus; "
           f"CPU: {cpu_name()}, {os.cpu_count()} cores; results in {out / 'quality.json'}", flush=True)
     docs = validation_documents()
     print(f"scored on the default corpus's {len(docs)} validation documents, "
@@ -164,16 +174,27 @@ def bench_quality(args, rest: list[str]) -> None:
     if args.half:
         name, options, _ = plans[-1]
         plans.append((name + "@half", options, args.budget / 2))
+    taken = [out / name for name, _, _ in plans if (out / name).exists()]
+    if taken:
+        raise SystemExit(f"error: {', '.join(map(str, taken))} already exist; give another --out or remove them.")
+    if args.steps:
+        seconds = {name: float("nan") for name, _, _ in plans}
+    else:
+        print("timing each arm's step (alternating rounds) ...", flush=True)
+        seconds = step_seconds([(name.removesuffix("@half"), options) for name, options, _ in plans])
     for name, options, budget in plans:
-        r = train_arm(name, options, budget, out, out / "data")
+        step_s = seconds[name.removesuffix("@half")]
+        steps = round(args.steps * budget / args.budget) if args.steps else max(20, int(budget / step_s))
+        print(f"{name}: {step_s * 1e3:,.0f} ms/step -> {steps} steps; {' '.join(options)}", flush=True)
+        r = train_arm(name, options, steps, out, out / "data")
         r["bpb"] = score(out / name, docs)
-        r["budget_s"] = budget
+        r["budget_s"], r["step_s"] = (0.0 if args.steps else budget), step_s
         results.append(r)
         print(f"{name}: {r['steps']} steps in {r['train_s']:.0f} s of training ({r['wall_s']:.0f} s in all), "
               f"validation {r['bpb']:.4f} bits/byte", flush=True)
         (out / "quality.json").write_text(json.dumps(results, indent=2))
     base = results[0]["bpb"]
-    print(f"\n{'arm':28}{'budget s':>10}{'steps':>8}{'train s':>9}{'bits/byte':>11}{'vs first':>10}")
+    print(f"\n{'arm':28}{'budget s':>10}{'ms/step':>9}{'steps':>7}{'train s':>9}{'bits/byte':>11}{'vs first':>10}")
     for r in results:
-        print(f"{r['name']:28}{r['budget_s']:10.0f}{r['steps']:8d}{r['train_s']:9.0f}{r['bpb']:11.4f}"
-              f"{100 * (r['bpb'] / base - 1):+9.1f}%")
+        print(f"{r['name']:28}{r['budget_s']:10.0f}{r['step_s'] * 1e3:9,.0f}{r['steps']:7d}{r['train_s']:9.0f}"
+              f"{r['bpb']:11.4f}{100 * (r['bpb'] / base - 1):+9.1f}%")
