@@ -139,6 +139,9 @@ class TrainConfig:
     parallel: Literal["pmap", "fsdp"] = opt("pmap", "parallel strategy: pmap replicates the model on every device; "
                                             "fsdp shards parameters and optimizer state over them")
     devices: int = opt(0, "how many devices of each process to use; 0 uses all")
+    mesh: str = opt("", "fsdp's device mesh: 'data:M,model:N' (or 'model:N', the rest on data) also splits "
+                        "attention heads and feed-forward width over N devices (tensor parallelism); empty: "
+                        "every device on data")
     loss_chunk: int = opt(2048, "tokens per cross-entropy chunk: the loss and its gradient are computed that many "
                                "tokens at a time, never holding the whole batch's logits; 0: all at once")
     remat: Literal["none", "block", "dots"] = opt("none", "recompute activations in the backward pass to save "
@@ -163,6 +166,8 @@ class TrainConfig:
         _check(self.grad_clip >= 0, f"train.grad_clip must be 0 (off) or positive, got {self.grad_clip}.")
         _check(self.loss_chunk >= 0, f"train.loss_chunk must be 0 (all at once) or more, got {self.loss_chunk}.")
         _check(self.sample_tokens >= 0, f"train.sample_tokens must be 0 or more, got {self.sample_tokens}.")
+        _check(not self.mesh or self.parallel == "fsdp", f"train.mesh={self.mesh!r} lays the devices out for fsdp; "
+               "add --train.parallel=fsdp (pmap keeps a whole replica on every device).")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,11 @@ takes an equal slice of the global batch, and gradients and loss are averaged wi
 optimizer-state leaf is split along one of its dimensions (ZeRO-3, fully sharded data parallel),
 the batch along its batch axis, and XLA inserts the all-gathers and reduce-scatters. jit sees
 the global batch, so the loss's own mean is already the mean over all devices: no `reduce`.
+With `--train.mesh=data:M,model:N` the mesh has a second axis: the attention's and the feed-forward
+layer's matrices are split over `model` along their heads and width (Megatron's column- and
+row-parallel layout: c_attn and c_fc by their outputs, both c_proj by their inputs), every leaf is
+also split over `data` as above, and the batch only over `data`; the compiler places the activations
+and inserts the collectives, so the step is the same function on any mesh.
 
 Both take the global batch in its natural layout (micro-batch A, row B, position T) and span
 every device of every process: with several processes, each one passes only its own rows
@@ -30,6 +35,27 @@ from gptjax.errors import UserError
 from gptjax.step import LOSS_CHUNK, make_eval_step, make_train_step
 
 AXIS = "data"
+MODEL = "model"
+
+
+def parse_mesh(spec: str, n: int, processes: int = 1) -> tuple[int, int]:
+    """(data, model) sizes of --train.mesh ('', 'model:2', 'data:4,model:2') on n devices."""
+    sizes = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, size = part.partition(":")
+        if name not in (AXIS, MODEL) or not size.isdigit() or int(size) < 1 or name in sizes:
+            raise UserError(f"--train.mesh={spec!r}: expected axes data:M and model:N, each once, with sizes of at "
+                            "least 1 (e.g. data:4,model:2, or model:2 for every other device on data).")
+        sizes[name] = int(size)
+    model = sizes.get(MODEL, 1)
+    data = sizes.get(AXIS, n // model if n % model == 0 else 0)
+    if data * model != n:
+        raise UserError(f"--train.mesh={spec!r} needs {data * model or 'a multiple of ' + str(model)} devices, and this "
+                        f"run has {_count(n, processes)}; the sizes must multiply to the device count.")
+    if model > 1 and (n // processes) % model:
+        raise UserError(f"--train.mesh={spec!r}: the model axis ({model}) must split each process's "
+                        f"{n // processes} devices evenly, so that a process's devices hold whole rows of the batch.")
+    return data, model
 
 
 def select_devices(count: int = 0) -> list:
@@ -141,8 +167,11 @@ class Pmap(Strategy):
     """Replicated state, batch split over the leading device axis."""
 
     def __init__(self, graphdef, tx: optax.GradientTransformation, dropout: float, devices: list,
-                 skip_nonfinite: bool = False, loss_chunk: int = LOSS_CHUNK, remat: str = "none"):
+                 skip_nonfinite: bool = False, loss_chunk: int = LOSS_CHUNK, remat: str = "none", mesh: str = ""):
         super().__init__(devices)
+        if parse_mesh(mesh, self.n, jax.process_count())[1] > 1:
+            raise UserError(f"--train.mesh={mesh!r} splits the model over devices, which needs --train.parallel=fsdp; "
+                            "pmap keeps a whole replica on every device.")
         # pmap takes and returns host-local arrays: a leading axis over this process's devices only
         self._local = NamedSharding(Mesh(np.array(self.local_devices), (AXIS,)), P(AXIS))
         inner = make_train_step(graphdef, tx, dropout, reduce=_pmean, skip_nonfinite=skip_nonfinite,
@@ -219,8 +248,10 @@ class Fsdp(Strategy):
     """State sharded over the devices leaf by leaf, batch sharded by rows, one jit-compiled step."""
 
     def __init__(self, graphdef, tx: optax.GradientTransformation, dropout: float, devices: list,
-                 skip_nonfinite: bool = False, loss_chunk: int = LOSS_CHUNK, remat: str = "none"):
+                 skip_nonfinite: bool = False, loss_chunk: int = LOSS_CHUNK, remat: str = "none", mesh: str = ""):
         super().__init__(devices)
+        self.data, self.model = parse_mesh(mesh, self.n, jax.process_count())
+        self.mesh = Mesh(np.array(devices).reshape(self.data, self.model), (AXIS, MODEL))
         self._step = make_train_step(graphdef, tx, dropout, skip_nonfinite=skip_nonfinite, loss_chunk=loss_chunk,
                                      remat=remat)
         self._eval_step = make_eval_step(graphdef, loss_chunk=loss_chunk)
@@ -228,13 +259,42 @@ class Fsdp(Strategy):
         self._rows = {2: NamedSharding(self.mesh, P(AXIS)), 3: NamedSharding(self.mesh, P(None, AXIS))}
         self._train = self._eval = self._key = None
 
-    def spec(self, shape: tuple) -> P:
-        """Split the largest dimension the device count divides; replicate a leaf that has none."""
-        dims = sorted((i for i, size in enumerate(shape) if size % self.n == 0), key=lambda i: -shape[i])
-        return P(*[AXIS if i == dims[0] else None for i in range(len(shape))]) if dims else P()
+    def spec(self, shape: tuple, path: tuple = ()) -> P:
+        """The tensor-parallel dimension of a block's matrix (and bias) over `model`; then the largest other
+        dimension that `data` divides over `data`; a leaf with none is replicated."""
+        axes = [None] * len(shape)
+        split = self._model_dim(path, shape) if self.model > 1 else None
+        if split is not None:
+            if shape[split] % self.model:
+                name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+                raise UserError(f"--train.mesh: the model axis ({self.model} devices) must divide the heads' and the "
+                                f"feed-forward layer's width, and {name} has {shape[split]} there; choose a model axis "
+                                "that divides n_head x head size, the key/value width and 4 x n_embd.")
+            axes[split] = MODEL
+        dims = sorted((i for i, size in enumerate(shape) if size % self.data == 0 and i != split and self.data > 1),
+                      key=lambda i: -shape[i])
+        if dims:
+            axes[dims[0]] = AXIS
+        return P(*axes)
+
+    @staticmethod
+    def _model_dim(path: tuple, shape: tuple) -> int | None:
+        """Which dimension of this leaf the model axis splits: the output of c_attn and of the feed-forward
+        c_fc (kernels and biases), the input of both c_proj; None for everything else. A leaf of the
+        optimizer state has its parameter's path at its end; a stacked block's leaf a leading layer axis."""
+        keys = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+        if len(keys) < 3 or keys[-1] not in ("kernel", "bias") or keys[-3] not in ("attn", "mlp"):
+            return None
+        layer, leaf = keys[-2], keys[-1]
+        if layer in ("c_attn", "c_fc"):
+            return len(shape) - 1
+        if layer == "c_proj" and leaf == "kernel":
+            return len(shape) - 2
+        return None
 
     def shardings(self, tree):
-        return jax.tree.map(lambda x: NamedSharding(self.mesh, self.spec(np.shape(x))), tree)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: NamedSharding(self.mesh, self.spec(np.shape(x), path)), tree)
 
     def placement(self, tree):
         """Where a state is created or restored: straight into its shards, so that no process ever holds

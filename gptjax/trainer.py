@@ -35,7 +35,7 @@ from gptjax.generate import generate_ids
 from gptjax.metrics import MetricsLog, Progress, Rate, flops_per_token, fmt_time, peak_flops
 from gptjax.model import GPT, count_params
 from gptjax.optim import learning_rate, make_optimizer
-from gptjax.parallel import STRATEGIES, describe, plan_batch, select_devices
+from gptjax.parallel import STRATEGIES, describe, parse_mesh, plan_batch, select_devices
 from gptjax import precision
 from gptjax.precision import auto_dtype
 from gptjax.signals import StopRequest
@@ -280,7 +280,8 @@ class Trainer:
     def _plan_devices(self, t) -> None:
         """The devices, and the batch cut into micro-batches that split evenly over them."""
         self.devices = select_devices(t.devices)
-        self.accum, self.micro = plan_batch(t.batch_size, t.grad_accum, len(self.devices), jax.process_count())
+        data, self.model_axis = parse_mesh(t.mesh, len(self.devices), jax.process_count())  # the batch: over data only
+        self.accum, self.micro = plan_batch(t.batch_size, t.grad_accum, data, jax.process_count())
         if (self.accum, self.micro) != (t.grad_accum, t.batch_size):
             self.log(f"batch: {t.grad_accum} x {t.batch_size} sequences re-cut as {self.accum} x {self.micro}, "
                      f"which splits evenly over {describe(self.devices)}")
@@ -313,7 +314,8 @@ class Trainer:
 
         shapes = jax.eval_shape(make_state)
         self.strategy = STRATEGIES[t.parallel](self.graphdef, tx, cfg.model.dropout, self.devices,
-                                               t.on_nonfinite == "skip", loss_chunk=t.loss_chunk, remat=t.remat)
+                                               t.on_nonfinite == "skip", loss_chunk=t.loss_chunk, remat=t.remat,
+                                               mesh=t.mesh)
         self.start = 0
         if latest is not None:
             self.state = self.strategy.put_state(restore_state(self.ckpt, latest, saved, shapes, self.strategy,
@@ -354,8 +356,9 @@ class Trainer:
         self.log(f"model: {self.n_params / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_head} "
                  f"heads, width {cfg.model.n_embd}, context {cfg.model.block_size}, {self.tok.name} vocabulary "
                  f"{cfg.model.vocab_size}; {compute} compute ({'auto: ' if cfg.model.dtype == 'auto' else ''}{why})")
+        mesh = f", mesh data {len(self.devices) // self.model_axis} x model {self.model_axis}" if self.model_axis > 1 else ""
         self.log(f"train: {t.max_steps} steps of {self.tokens_per_step:,} tokens on {describe(self.devices)} "
-                 f"({t.parallel})")
+                 f"({t.parallel}{mesh})")
         self._check_room(checkpoint_bytes(shapes["params"], shapes["opt_state"]))
         # the validation batches are the same at every evaluation: the bytes their targets cover, once
         self.val_bytes = sum(self.tok.count_bytes(data_lib.val_batch(self.ds, cfg.model.block_size, t.seed, i,

@@ -32,10 +32,12 @@ def test_modern_model_with_muon_learns_in_every_layout(corpus, tmp_path):
     one = train(modern_config(tmp_path / "one", corpus, devices=1), log=quiet)
     pmap = train(modern_config(tmp_path / "pmap", corpus, devices=4), log=quiet)
     fsdp = train(modern_config(tmp_path / "fsdp", corpus, devices=4, parallel="fsdp"), log=quiet)
+    # tensor parallel: heads and feed-forward width over 2 devices, the batch over the other 2
+    tp = train(modern_config(tmp_path / "tp", corpus, devices=4, parallel="fsdp", mesh="data:2,model:2"), log=quiet)
     steps = sorted(one["loss"])
     assert one["val_loss"][12] < one["val_loss"][0] - 0.5
     # the same global batch; only the order of float32 sums differs
-    for other in (pmap, fsdp):
+    for other in (pmap, fsdp, tp):
         np.testing.assert_allclose([other["loss"][s] for s in steps], [one["loss"][s] for s in steps], rtol=2e-5)
 
 
