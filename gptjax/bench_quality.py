@@ -4,8 +4,8 @@ Each arm is a set of train.py options on top of a baseline, GPT-2's architecture
 GPT-2's tokenizer at the CPU shape (the cpu-gpt2 preset, what `python train.py` ran before the
 modern options), or options of its own on top of a preset.
 Every arm's training step is timed first, before any arm trains (the trainer's own step on random
-tokens, as `bench train` does, in rounds that alternate between the arms, so that a machine whose
-speed drifts slows them alike); then for each arm the number of steps that fits the budget is set
+tokens, as `bench train` does, each arm in a process of its own, in rounds that alternate between
+the arms, so that a machine whose speed drifts slows them alike); then for each arm the number of steps that fits the budget is set
 (warm-up 8% of them, cosine decay to the end) and train.py runs it on the default corpus. Only the
 timing needs a quiet machine: the training that follows is the same number of steps however long it
 takes. `--steps N` trains every arm N steps instead, which compares options that do not change the
@@ -65,20 +65,44 @@ def arm_options(spec: str) -> list[str]:
     return options
 
 
-def step_seconds(arms: list[tuple[str, list[str]]], rounds: int = 3) -> dict[str, float]:
-    """The median seconds of each arm's training step, timed as `bench train` times it, in rounds that
-    alternate between the arms."""
+def _arm_worker(conn, options: list[str]) -> None:
+    """One arm's training step in a process of its own (as train.py will run it): compile, settle, then
+    time as many steps as asked, until told to stop."""
     from gptjax.bench_train import GptjaxRunner, configure
 
-    runners = {}
+    runner = GptjaxRunner(configure(options))
+    runner(2)  # compile and settle
+    conn.send("ready")
+    while (steps := conn.recv()) is not None:
+        conn.send(runner(steps) / steps)
+
+
+def step_seconds(arms: list[tuple[str, list[str]]], rounds: int = 3) -> dict[str, float]:
+    """The median seconds of each arm's training step, timed as `bench train` times it, each arm in a
+    process of its own (one process holding many compiled models runs them slower than train.py does),
+    in rounds that alternate between the arms."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    workers = {}
     for name, options in arms:
-        if name not in runners:
-            runners[name] = GptjaxRunner(configure(options))
-            runners[name](2)  # compile and settle
-    times = {name: [] for name in runners}
+        if name not in workers:
+            conn, child = ctx.Pipe()
+            process = ctx.Process(target=_arm_worker, args=(child, options), daemon=True)
+            process.start()
+            try:  # one at a time: compiling arms do not slow each other's timing
+                conn.recv()
+            except EOFError:
+                raise SystemExit(f"error: arm {name} could not be compiled (its error is above)") from None
+            workers[name] = conn, process
+    times = {name: [] for name in workers}
     for _ in range(rounds):
-        for name, runner in runners.items():
-            times[name].append(runner(2) / 2)
+        for name, (conn, _) in workers.items():
+            conn.send(2)
+            times[name].append(conn.recv())
+    for conn, process in workers.values():
+        conn.send(None)
+        process.join(timeout=60)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
