@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ARGS, ROOT, losses, make_corpus, run_until, start
+from conftest import ARGS, JAX_CACHE_ENV, ROOT, losses, make_corpus, run_until, start
 from gptjax import load
 from gptjax.checkpoint import CHECKPOINTS, TMP_SUFFIX, CheckpointVanished, list_steps, read_meta
 from gptjax.config import DataConfig
@@ -251,7 +251,8 @@ def test_a_run_is_read_hundreds_of_times_while_it_checkpoints_every_step(tmp_pat
         while not list_steps(run / CHECKPOINTS):
             assert trainer.poll() is None, trainer.stdout.read()
             time.sleep(0.1)
-        env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+        env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
+               **JAX_CACHE_ENV}
         sampler = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={run}", "--prompt=def ",
                                     "--max_new_tokens=4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    cwd=ROOT, env=env)

@@ -9,7 +9,7 @@ import sys
 import jax.numpy as jnp
 import pytest
 
-from conftest import ROOT, losses, run_until, start, tiny_config
+from conftest import JAX_CACHE_ENV, ROOT, losses, run_until, start, tiny_config
 from gptjax import data, load
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import DataConfig
@@ -100,7 +100,7 @@ def test_damaged_checkpoint_is_named_and_others_still_load(corpus, tmp_path):
     assert load(tmp_path / "run", step=3).step == 3
     with pytest.raises(UserError, match="cannot be read"):
         train(tiny_config(tmp_path / "run", corpus, max_steps=9, ckpt_interval=3, resume=True), log=quiet)
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PATH": "/usr/bin:/bin"}
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PATH": "/usr/bin:/bin", **JAX_CACHE_ENV}
     proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={tmp_path / 'run'}"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "corrupt" in proc.stderr
