@@ -240,7 +240,7 @@ def test_a_second_trainer_is_refused_and_a_killed_ones_run_is_taken_over(referen
     assert losses(run) == expected
 
 
-def test_a_run_is_read_hundreds_of_times_while_it_checkpoints_every_step(tmp_path):
+def test_a_run_is_read_a_hundred_times_while_it_checkpoints_every_step(tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
     run = tmp_path / "run"
     args = [a for a in ARGS if not a.startswith(("--train.max_steps", "--train.log_interval",
@@ -257,7 +257,7 @@ def test_a_run_is_read_hundreds_of_times_while_it_checkpoints_every_step(tmp_pat
                                     "--max_new_tokens=4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    cwd=ROOT, env=env)
         steps = []
-        while len(steps) < 200:
+        while len(steps) < 100:  # each races the trainer's saves and retention's deletions
             steps.append(load(run).step)  # any exception fails the test
         assert trainer.poll() is None  # every load raced a live run
         out, err = sampler.communicate(timeout=300)
@@ -266,7 +266,7 @@ def test_a_run_is_read_hundreds_of_times_while_it_checkpoints_every_step(tmp_pat
         trainer.kill()
         trainer.wait()
     assert steps == sorted(steps)  # always the newest: never an older one after a newer
-    assert steps[-1] - steps[0] >= 30, steps  # and the run moved on under the reader
+    assert steps[-1] - steps[0] >= 15, steps  # and the run moved on under the reader
 
 
 def test_the_next_newest_is_read_when_the_chosen_one_is_deleted_under_the_reader(tmp_path, monkeypatch):
