@@ -5,6 +5,25 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# One XLA compilation cache for the session, fresh and removed at its end: the suite trains the same tiny
+# shapes dozens of times, in this process and in the train.py, sample.py and eval processes it starts, and
+# compiling them was most of its time (a tiny 2-step run: 12 s compiled, 2 s from the cache). Only XLA's
+# compilation is shared; every run still traces its own step (the step_compilations counts are unchanged)
+# and runs the executable the compiler made for that very program. The size limit turns on the cache's
+# file lock, so that processes reading and writing it at once never see half an entry.
+# GPTJAX_TEST_COMPILE_CACHE=off compiles everything afresh, as before.
+JAX_CACHE_ENV: dict[str, str] = {}
+if os.environ.get("GPTJAX_TEST_COMPILE_CACHE", "on") != "off":
+    _cache_dir = tempfile.mkdtemp(prefix="gptjax-test-xla-cache-")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    JAX_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": _cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1", "JAX_COMPILATION_CACHE_MAX_SIZE": str(16 << 30)}
+    os.environ.update(JAX_CACHE_ENV)  # for this process, and the processes that inherit its environment
+
 from gptjax.cpu import tune_for_cpu  # noqa: E402
 
 # the scheduling setting only: the suite compiles hundreds of small steps, which malloc's single arena
@@ -70,7 +89,7 @@ def task_run(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(run=root / "run", corpus=corpus, task=task, history=history)
 # ----------------------------------------------------------------------------- train.py as a real process
 
-STEPS = 24
+STEPS = 12  # enough for kills, stops and resumes at several points (24 cost twice the time, checked no more)
 ARGS = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
         "--data.tokenizer=byte", "--data.val_fraction=0.1", "--train.batch_size=8", "--train.eval_batches=2",
         "--train.warmup_steps=2", "--train.lr=3e-3", f"--train.max_steps={STEPS}", "--train.eval_interval=8",
@@ -79,9 +98,9 @@ ARGS = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.b
 
 def start(out_dir, corpus, *extra, args=ARGS, env=None):
     """train.py in a process of its own, on one CPU device, output (stdout and stderr) in a pipe;
-    `env` adds to its (otherwise minimal) environment."""
+    `env` adds to its (otherwise minimal, but for the session's compilation cache) environment."""
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-           "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1", **(env or {})}
+           "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1", **JAX_CACHE_ENV, **(env or {})}
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"--data.corpus={corpus}",
                              f"--out_dir={out_dir}", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=ROOT, env=env)

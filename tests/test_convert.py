@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers",
 transformers.logging.disable_progress_bar()
 
 import gptjax  # noqa: E402
-from conftest import ROOT  # noqa: E402
+from conftest import JAX_CACHE_ENV, ROOT  # noqa: E402
 from gptjax import convert, hf  # noqa: E402
 from gptjax.checkpoint import flatten, unflatten  # noqa: E402
 from gptjax.config import Config, DataConfig, ModelConfig  # noqa: E402
@@ -213,7 +213,7 @@ def test_command_line_and_load(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint=hf:{tmp_path / 'hf'}",
                            "--prompt=Hi", "--max_new_tokens=4", "--temperature=0"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", **JAX_CACHE_ENV})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Hi")
 

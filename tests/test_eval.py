@@ -13,7 +13,7 @@ import pytest
 import zstandard
 from flax import nnx
 
-from conftest import ROOT, tiny_config
+from conftest import JAX_CACHE_ENV, ROOT, tiny_config
 from gptjax.errors import UserError
 from gptjax.eval.score import Scorer, _score
 from gptjax.eval.tasks import read_task, score_task
@@ -157,7 +157,8 @@ def test_bad_task_lines_are_named(tmp_path, line, message):
 
 
 def run_eval(*args):
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
+           **JAX_CACHE_ENV}
     return subprocess.run([sys.executable, "-m", "gptjax.eval", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=300)
 

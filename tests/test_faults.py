@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ARGS, ROOT, losses, make_corpus, run_until, start
+from conftest import ARGS, JAX_CACHE_ENV, ROOT, losses, make_corpus, run_until, start
 from gptjax import load
 from gptjax.checkpoint import CHECKPOINTS, TMP_SUFFIX, CheckpointVanished, list_steps, read_meta
 from gptjax.config import DataConfig
@@ -240,7 +240,7 @@ def test_a_second_trainer_is_refused_and_a_killed_ones_run_is_taken_over(referen
     assert losses(run) == expected
 
 
-def test_a_run_is_read_hundreds_of_times_while_it_checkpoints_every_step(tmp_path):
+def test_a_run_is_read_a_hundred_times_while_it_checkpoints_every_step(tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
     run = tmp_path / "run"
     args = [a for a in ARGS if not a.startswith(("--train.max_steps", "--train.log_interval",
@@ -251,12 +251,13 @@ def test_a_run_is_read_hundreds_of_times_while_it_checkpoints_every_step(tmp_pat
         while not list_steps(run / CHECKPOINTS):
             assert trainer.poll() is None, trainer.stdout.read()
             time.sleep(0.1)
-        env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+        env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
+               **JAX_CACHE_ENV}
         sampler = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={run}", "--prompt=def ",
                                     "--max_new_tokens=4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    cwd=ROOT, env=env)
         steps = []
-        while len(steps) < 200:
+        while len(steps) < 100:  # each races the trainer's saves and retention's deletions
             steps.append(load(run).step)  # any exception fails the test
         assert trainer.poll() is None  # every load raced a live run
         out, err = sampler.communicate(timeout=300)
@@ -265,7 +266,7 @@ def test_a_run_is_read_hundreds_of_times_while_it_checkpoints_every_step(tmp_pat
         trainer.kill()
         trainer.wait()
     assert steps == sorted(steps)  # always the newest: never an older one after a newer
-    assert steps[-1] - steps[0] >= 30, steps  # and the run moved on under the reader
+    assert steps[-1] - steps[0] >= 15, steps  # and the run moved on under the reader
 
 
 def test_the_next_newest_is_read_when_the_chosen_one_is_deleted_under_the_reader(tmp_path, monkeypatch):

@@ -4,13 +4,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_config
 from gptjax import load
 from gptjax.timing import BACKEND_COMPILE, compile_durations
 from gptjax.config import ModelConfig
 from gptjax.generate import bucket, filter_logits, generate_ids, stream_ids
 from gptjax.model import GPT
-from gptjax.trainer import train
 
 
 def small(pos="learned"):
@@ -124,9 +122,8 @@ def test_bucket():
     assert bucket(128, 128) == 128 and bucket(20, 24) == 24
 
 
-def test_load_and_generate_text(corpus, tmp_path):
-    train(tiny_config(tmp_path / "run", corpus, max_steps=40, eval_interval=40, ckpt_interval=40), log=lambda m: None)
-    model = load(str(tmp_path / "run"))
+def test_load_and_generate_text(task_run):
+    model = load(str(task_run.run))  # the session's tiny trained run (conftest): loading and generating need no other
     text = model.generate("def function_", max_new_tokens=30, temperature=0)
     assert isinstance(text, str) and 0 < len(text) <= 30
     assert not text.startswith("def function_")

@@ -20,7 +20,7 @@ from flax import nnx
 
 pytest.importorskip("lm_eval", reason="the harness tests need lm-evaluation-harness: pip install 'gptjax[lm-eval]'")
 
-from conftest import ROOT  # noqa: E402
+from conftest import JAX_CACHE_ENV, ROOT  # noqa: E402
 from gptjax import load  # noqa: E402
 from gptjax.eval.score import Scorer  # noqa: E402
 from gptjax.eval.tasks import read_task, score_task  # noqa: E402
@@ -82,7 +82,7 @@ def test_lm_eval_runs_gptjax_on_local_tasks(task_run, tmp_path):
     shutil.copy(ROOT / "gptjax" / "eval" / "lm_eval_hook.py", site_dir / "gptjax_lm_eval_hook.py")
     code = ("import site, sys; site.addsitedir(sys.argv.pop(1)); from lm_eval.__main__ import cli_evaluate; "
             "sys.argv[0] = 'lm_eval'; cli_evaluate()")
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", **JAX_CACHE_ENV,
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     started = time.perf_counter()

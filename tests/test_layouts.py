@@ -7,11 +7,14 @@ Runs with another device count than this pytest process's 4 go through tests/lay
 Tolerance: every layout reads the same global batch and computes the same float32 sums, but in
 a different order (per-device partial sums, then an all-reduce; XLA's reduction trees follow the
 shapes). A step's loss then differs in its last bit or so, and Adam's normalised updates carry
-such differences on without amplifying them over 20 steps: the largest difference seen here is
-1.3e-7 relative, one float32 ulp at a loss near 4. rtol=1e-6 (about 8 ulps) leaves room for other
+such differences on without amplifying them (measured over 20 steps: the largest difference was
+1.3e-7 relative, one float32 ulp at a loss near 4). rtol=1e-6 (about 8 ulps) leaves room for other
 CPUs and XLA versions while staying far below what a real mistake does: one wrong row of the 8
 (measured: the same run with row 7 a copy of row 0) moves the losses by 4e-4 to 5e-3 relative.
-Parameters after 20 steps agree to 6e-6 absolute (Adam steps are 3e-3), checked at 1e-4.
+Parameters after 20 steps agreed to 6e-6 absolute (Adam steps are 3e-3), checked at 1e-4.
+The layouts are compared over 4 steps (a checkpoint mid-run, a stop, a resume to step 6): a wrong
+row or a wrong reduction shows in the first step's loss already, and a wrong update in the next ones;
+20 steps showed nothing more.
 """
 
 import dataclasses
@@ -36,7 +39,7 @@ from gptjax.trainer import train
 
 RTOL = 1e-6
 WORKER = str(ROOT / "tests" / "layout_worker.py")
-STEPS, MAX_STEPS = 20, 24
+STEPS, MAX_STEPS, CKPT = 4, 6, 2
 
 
 def quiet(_):
@@ -68,8 +71,8 @@ def losses(path) -> list[float]:
 
 
 def test_every_layout_trains_the_same_model(corpus, tmp_path):
-    # a checkpoint at step 10 too: saving mid-run must not race the next step's donated buffers
-    cfg = tiny_config(tmp_path / "ref", corpus, max_steps=MAX_STEPS, ckpt_interval=10, eval_interval=STEPS)
+    # a checkpoint at step 2 too: saving mid-run must not race the next step's donated buffers
+    cfg = tiny_config(tmp_path / "ref", corpus, max_steps=MAX_STEPS, ckpt_interval=CKPT, eval_interval=STEPS)
     preset = tmp_path / "tiny.toml"
     preset.write_text(to_toml(cfg))
 
@@ -91,7 +94,7 @@ def test_every_layout_trains_the_same_model(corpus, tmp_path):
     scan8 = run("scan8", 8, "--train.parallel=fsdp", "--model.scan_layers=true", "--train.remat=dots")
     # meanwhile, resume under other device counts, strategies and layer layouts: 8-device fsdp on 1 device with
     # the layers scanned, 2 x 4 pmap as 4-device fsdp (and below, 8-device scanned fsdp as 4-device pmap per layer)
-    resumed = [train(scanned(tiny_config(tmp_path / name, corpus, max_steps=MAX_STEPS, ckpt_interval=10,
+    resumed = [train(scanned(tiny_config(tmp_path / name, corpus, max_steps=MAX_STEPS, ckpt_interval=CKPT,
                                          eval_interval=STEPS, resume=True, **kw), scan), log=quiet)
                for name, scan, kw in (("fsdp8", True, {"devices": 1}), ("two", False, {"devices": 4, "parallel": "fsdp"}))]
     finish(scan8)
@@ -100,13 +103,13 @@ def test_every_layout_trains_the_same_model(corpus, tmp_path):
         np.testing.assert_allclose(losses(tmp_path / f"{name}.json"), want, rtol=RTOL, err_msg=name)
     log = json.loads((tmp_path / "pmap8.json").read_text())["log"]
     assert "batch: 2 x 4 sequences re-cut as 1 x 8, which splits evenly over 8 cpu devices" in log
-    assert "train: 24 steps of 256 tokens on 8 cpu devices (2 processes x 4) (pmap)" in json.loads(
+    assert f"train: {MAX_STEPS} steps of 256 tokens on 8 cpu devices (2 processes x 4) (pmap)" in json.loads(
         (tmp_path / "two.json").read_text())["log"]
 
-    # the checkpoints of step 20 restore and sample in a fresh single-device process
+    # the checkpoints of step STEPS restore and sample in a fresh single-device process
     sampler = start("sample", tmp_path / "sample.json", STEPS, tmp_path / "ref", tmp_path / "fsdp8", tmp_path / "two",
                     tmp_path / "scan8")
-    resumed.append(train(tiny_config(tmp_path / "scan8", corpus, max_steps=MAX_STEPS, ckpt_interval=10,
+    resumed.append(train(tiny_config(tmp_path / "scan8", corpus, max_steps=MAX_STEPS, ckpt_interval=CKPT,
                                      eval_interval=STEPS, resume=True, devices=4), log=quiet))
     finish(sampler)
     for h in resumed:
