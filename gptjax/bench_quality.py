@@ -79,8 +79,8 @@ def _arm_worker(conn, options: list[str]) -> None:
 
 def step_seconds(arms: list[tuple[str, list[str]]], rounds: int = 3) -> dict[str, float]:
     """The median seconds of each arm's training step, timed as `bench train` times it, each arm in a
-    process of its own (one process holding many compiled models runs them slower than train.py does),
-    in rounds that alternate between the arms."""
+    process of its own (as train.py runs it, with no other model in memory), in rounds that alternate
+    between the arms."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
