@@ -208,11 +208,13 @@ def test_an_interrupted_preparation_resumes_exactly(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def big_corpus(tmp_path_factory):
-    """80 MB of text: a preparation in one worker long enough to be stopped three times."""
+    """160 MB of text: a preparation in one worker long enough to be stopped three times, each after at least
+    one journal commit (every 2 s) of its own; at 80 MB a fast machine sometimes finished the third run
+    before its signal came."""
     root = tmp_path_factory.mktemp("big")
     texts = [f.read_text() for f in data.stdlib_files()]
     size, i = 0, 0
-    while size < 80e6:
+    while size < 160e6:
         text = "".join(texts[i % len(texts): i % len(texts) + 50])
         (root / f"part{i // 50:04d}.txt").write_text(text)
         size, i = size + len(text), i + 50
