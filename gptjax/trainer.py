@@ -280,8 +280,8 @@ class Trainer:
     def _plan_devices(self, t) -> None:
         """The devices, and the batch cut into micro-batches that split evenly over them."""
         self.devices = select_devices(t.devices)
-        data, self.model_axis = parse_mesh(t.mesh, len(self.devices), jax.process_count())  # the batch: over data only
-        self.accum, self.micro = plan_batch(t.batch_size, t.grad_accum, data, jax.process_count())
+        self.mesh_shape = parse_mesh(t.mesh, len(self.devices), jax.process_count())  # (data, model)
+        self.accum, self.micro = plan_batch(t.batch_size, t.grad_accum, self.mesh_shape[0], jax.process_count())
         if (self.accum, self.micro) != (t.grad_accum, t.batch_size):
             self.log(f"batch: {t.grad_accum} x {t.batch_size} sequences re-cut as {self.accum} x {self.micro}, "
                      f"which splits evenly over {describe(self.devices)}")
@@ -356,7 +356,8 @@ class Trainer:
         self.log(f"model: {self.n_params / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_head} "
                  f"heads, width {cfg.model.n_embd}, context {cfg.model.block_size}, {self.tok.name} vocabulary "
                  f"{cfg.model.vocab_size}; {compute} compute ({'auto: ' if cfg.model.dtype == 'auto' else ''}{why})")
-        mesh = f", mesh data {len(self.devices) // self.model_axis} x model {self.model_axis}" if self.model_axis > 1 else ""
+        data, model = self.mesh_shape
+        mesh = f", mesh data {data} x model {model}" if model > 1 else ""
         self.log(f"train: {t.max_steps} steps of {self.tokens_per_step:,} tokens on {describe(self.devices)} "
                  f"({t.parallel}{mesh})")
         self._check_room(checkpoint_bytes(shapes["params"], shapes["opt_state"]))
