@@ -15,7 +15,6 @@ the preparation's MB/s over (the single-thread MB/s x workers): 1.0 would be per
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

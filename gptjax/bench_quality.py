@@ -131,7 +131,7 @@ def train_arm(name: str, options: list[str], steps: int, out: Path, data_dir: Pa
 def validation_documents() -> list[str]:
     """The default corpus's validation documents, as every tokenizer's preparation holds them out."""
     from gptjax.config import DataConfig
-    from gptjax.data.pipeline import _to_val
+    from gptjax.data.documents import in_val
     from gptjax.data.sources import Problems, Reader, corpus_files
 
     cfg = DataConfig()
@@ -140,7 +140,7 @@ def validation_documents() -> list[str]:
     for piece in Reader(corpus_files(cfg.corpus), cfg.text_field, Problems()):
         if piece.where[2] == 0:
             index += 1
-            current = [] if _to_val(index, cfg.val_fraction) else None
+            current = [] if in_val(index, cfg.val_fraction) else None
             if current is not None:
                 docs.append(current)
         if current is not None:

@@ -35,7 +35,8 @@ from gptjax.model import attention_implementation, compute_dtype, count_params
 from gptjax.optim import make_optimizer
 from gptjax.parallel import STRATEGIES, select_devices
 from gptjax.precision import auto_dtype, matmul_rate
-from gptjax.trainer import init_model, is_out_of_memory
+from gptjax.oom import is_out_of_memory
+from gptjax.start import init_model
 
 REFERENCE = ["--model.n_layer=6", "--model.n_head=6", "--model.n_embd=384", "--model.block_size=256",
              "--model.vocab_size=50304", "--train.batch_size=8"]
@@ -140,7 +141,7 @@ def configure(rest: list[str]) -> Config:
     argv = rest if any(a.startswith("--config") for a in rest) else REFERENCE + rest
     cfg = parse_args(argv, prog="python -m gptjax.bench train")
     if not cfg.model.vocab_size:
-        from gptjax.trainer import resolve
+        from gptjax.start import resolve
 
         cfg = resolve(cfg)
     return cfg

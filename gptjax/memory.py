@@ -24,7 +24,7 @@ from gptjax.errors import cli
 from gptjax.model import GPT, count_params
 from gptjax.optim import make_optimizer
 from gptjax.parallel import STRATEGIES, describe, plan_batch, select_devices
-from gptjax.trainer import resolve
+from gptjax.start import resolve
 
 GB = 1e9
 

@@ -12,7 +12,6 @@ Run directory:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import signal
 import time
@@ -21,114 +20,24 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from gptjax import data as data_lib
-from gptjax import disk, distributed, wandb_log, weights
+from gptjax import disk, distributed, oom, start, wandb_log
 from gptjax.checkpoint import CHECKPOINTS, Checkpointer, checkpoint_bytes, list_steps, remove_partial
 from gptjax.config import Config
-from gptjax.options import from_dict, to_dict, to_toml
+from gptjax.options import to_dict, to_toml
 from gptjax.errors import UserError
 from gptjax.eval.score import Scorer
 from gptjax.eval.tasks import read_tasks, score_task
 from gptjax.generate import generate_ids
 from gptjax.metrics import MetricsLog, Progress, Rate, flops_per_token, fmt_time, peak_flops
-from gptjax.model import GPT, count_params
+from gptjax.model import count_params
 from gptjax.optim import learning_rate, make_optimizer
 from gptjax.parallel import STRATEGIES, describe, parse_mesh, plan_batch, select_devices
-from gptjax import precision
 from gptjax.precision import auto_dtype
 from gptjax.signals import StopRequest
 from gptjax.stacked import relayout
-from gptjax.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_meta
-
-
-def resolve(cfg: Config, tok: Tokenizer | None = None, given_vocab: int | None = None) -> Config:
-    """Fill in what depends on the tokenizer: the vocabulary size (`given_vocab`, default the config's,
-    if one was set, else the tokenizer's). Without `tok`, a learned bpe is taken at its full
-    --data.bpe_vocab (what a tool that needs only shapes wants); the run sets the size it learned once
-    the data is ready."""
-    given = cfg.model.vocab_size if given_vocab is None else given_vocab
-    if tok is None and cfg.data.tokenizer == "bpe":
-        size, name = cfg.data.bpe_vocab + 1, "bpe"
-    else:
-        tok = tok or get_tokenizer(cfg.data.tokenizer)
-        size, name = tok.vocab_size, tok.name
-    vocab = given or size
-    if vocab < size:
-        raise UserError(f"--model.vocab_size={vocab} is smaller than the {name} tokenizer's {size}; "
-                        "use 0 to take the tokenizer's.")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
-
-
-def model_init(cfg: Config):
-    """The model's structure, and a pure function that draws its initial parameters as plain nested dicts
-    (clean names in checkpoints), for jit to compile into any layout. The blocks are drawn per layer and
-    then stacked if --model.scan_layers: a seed gives the same weights in either layout."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(cfg.model, nnx.Rngs(0))), nnx.Param)
-    per_layer = dataclasses.replace(cfg.model, scan_layers=False)
-
-    def make_params():
-        params = nnx.state(GPT(per_layer, nnx.Rngs(params=jax.random.key(cfg.train.seed))), nnx.Param)
-        return relayout(nnx.to_pure_dict(params), cfg.model.scan_layers)
-
-    return graphdef, make_params
-
-
-def init_model(cfg: Config):
-    """The model's structure and its initial parameters, whole on the default device."""
-    graphdef, make_params = model_init(cfg)
-    return graphdef, jax.jit(make_params)()
-
-
-def restore_state(ckpt: Checkpointer, step: int, saved: dict, shapes: dict, strategy, stacked: bool) -> dict:
-    """The checkpoint of `step` read straight into the strategy's placement (fsdp: each process reads only
-    its own shards), in the checkpoint's layer layout, then converted to this run's (gptjax.stacked)."""
-    saved_stacked = bool(saved["config"]["model"].get("scan_layers", False))
-    like = relayout({"params": shapes["params"], "opt_state": shapes["opt_state"]}, saved_stacked)
-    like = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), like,
-                        strategy.placement(like))
-    params, opt_state = ckpt.restore(step, like["params"], like["opt_state"])
-    state = {"params": params, "opt_state": opt_state}
-    if saved_stacked != stacked:
-        state = jax.jit(lambda s: relayout(s, stacked), out_shardings=strategy.placement(
-            {"params": shapes["params"], "opt_state": shapes["opt_state"]}))(state)
-    return {**state, "step": jnp.int32(step)}
-
-
-def _check_resumable(saved: dict, cfg: Config, run_dir: Path) -> None:
-    """The model (but its compute dtype, which may differ between machines), tokenizer and optimizer
-    (its state's structure) must be those of the checkpoint. A learned tokenizer's size and merges are
-    known only once the data is ready: _check_same_tokenizer then."""
-    saved_cfg = from_dict(Config, saved["config"], where=" in the checkpoint's config")
-    # the layer layout may differ too: a checkpoint restores in either (gptjax.stacked)
-    unknown = ("dtype", "scan_layers", "vocab_size") if cfg.data.tokenizer == "bpe" else ("dtype", "scan_layers")
-    diffs = [f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in {
-        **{f"model.{k}": (v, getattr(cfg.model, k)) for k, v in to_dict(saved_cfg.model).items() if k not in unknown},
-        "data.tokenizer": (saved_cfg.data.tokenizer, cfg.data.tokenizer),
-        "train.optimizer": (saved_cfg.train.optimizer, cfg.train.optimizer),
-    }.items() if a != b]
-    if diffs:
-        raise UserError(f"cannot resume {run_dir}: its checkpoint was trained with another model, tokenizer or "
-                        f"optimizer ({'; '.join(diffs)}). Resume with the same settings, or start a new --out_dir.")
-
-
-def _check_same_tokenizer(saved: dict, tok: Tokenizer, run_dir: Path) -> None:
-    if not tokenizer_from_meta(saved).same_as(tok):
-        raise UserError(f"cannot resume {run_dir}: its checkpoint's learned bpe tokenizer is not the one the data "
-                        "was prepared with now (the corpus changed, or --data.bpe_vocab). Resume with the corpus and "
-                        "settings of the run, or start a new --out_dir.")
-
-
-def _adopt_source_model(cfg: Config):
-    """For --train.init_from: the config with the source's model shape (keeping this run's dropout, dtype
-    and layer layout) and tokenizer (a learned one then tokenizes this run's corpus too), and the source."""
-    src = weights.read(cfg.train.init_from)
-    # a model reads only its own tokens: the fine-tune takes its source's tokenizer, whatever the preset's
-    data = dataclasses.replace(cfg.data, tokenizer=src.tokenizer.name)
-    model = dataclasses.replace(src.config.model, dropout=cfg.model.dropout, dtype=cfg.model.dtype,
-                                scan_layers=cfg.model.scan_layers)
-    return dataclasses.replace(cfg, model=model, data=data), src
+from gptjax.tokenizer import get_tokenizer
 
 
 def train(cfg: Config, log=print, stop_after: int | None = None) -> dict:
@@ -148,8 +57,8 @@ def train(cfg: Config, log=print, stop_after: int | None = None) -> dict:
         except BaseException as e:
             if trainer is not None:
                 trainer.close(quietly=True, failed=True)
-            if isinstance(e, Exception) and is_out_of_memory(e):
-                raise out_of_memory_error(trainer.cfg if trainer else cfg, e) from None
+            if isinstance(e, Exception) and oom.is_out_of_memory(e):
+                raise oom.out_of_memory_error(trainer.cfg if trainer else cfg, e) from None
             raise
     return trainer.finish()
 
@@ -157,30 +66,6 @@ def train(cfg: Config, log=print, stop_after: int | None = None) -> dict:
 def bits_per_byte(loss: float, tokens: int, nbytes: int) -> float:
     """A mean loss in nats per token as bits per UTF-8 byte of the text those tokens cover."""
     return loss * tokens / (max(nbytes, 1) * math.log(2))
-
-
-def is_out_of_memory(error: Exception) -> bool:
-    if disk.is_write_failure(error):  # tensorstore says RESOURCE_EXHAUSTED for a full disk too
-        return False
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
-
-
-def out_of_memory_error(cfg: Config, error: Exception) -> UserError:
-    """What would fit: the same tokens per step in smaller pieces, a lighter dtype, sharding, a smaller model."""
-    t, m = cfg.train, cfg.model
-    first_line = str(error).strip().splitlines()[0][:200]
-    options = []
-    if t.batch_size >= 2:
-        options.append(f"--train.batch_size={t.batch_size // 2} --train.grad_accum={t.grad_accum * 2} "
-                       "(the same tokens per step, half the activation memory)")
-    if precision.resolve(m.dtype) == "float32":
-        options.append("--model.dtype=bfloat16 (half the activation memory)")
-    if t.parallel == "pmap":
-        options.append("--train.parallel=fsdp (parameters and optimizer state sharded over the devices)")
-    options.append(f"a smaller --model.block_size (now {m.block_size}) or --model.n_layer (now {m.n_layer})")
-    return UserError(f"the device ran out of memory ({first_line}). Options that need less: " + "; ".join(options)
-                     + ". Checkpoints already written are intact.")
 
 
 # a real line of the standard library (codecs.py), the end-of-training sample's prompt on the default corpus
@@ -237,12 +122,12 @@ class Trainer:
         """The run's config with the vocabulary size filled in, and for a fine-tune its source's model and
         tokenizer. Returns (cfg, the vocabulary size as given, the fine-tune's source or None)."""
         given_vocab = cfg.model.vocab_size
-        cfg = resolve(cfg)
+        cfg = start.resolve(cfg)
         if cfg.train.wandb:
             wandb_log.check_installed(cfg.train.wandb)
         source = None
         if cfg.train.init_from:
-            cfg, source = _adopt_source_model(cfg)
+            cfg, source = start.adopt_source_model(cfg)
             given_vocab = cfg.model.vocab_size
         return cfg, given_vocab, source
 
@@ -273,7 +158,7 @@ class Trainer:
         self.elapsed_before, saved = 0.0, None
         if latest is not None:
             saved = self.ckpt.read_meta(latest)
-            _check_resumable(saved, cfg, run_dir)
+            start.check_resumable(saved, cfg, run_dir)
             self.elapsed_before = float(saved.get("elapsed_s", 0.0))
         return latest, saved
 
@@ -295,17 +180,17 @@ class Trainer:
         self.tok = self.ds.tokenizer
         if self.known_tok is None:
             self.tasks = _read_tasks(cfg.train.eval_tasks, self.tok, cfg.model.block_size, self.log)
-        cfg = resolve(cfg, self.tok, given_vocab)  # the size a learned tokenizer has
+        cfg = start.resolve(cfg, self.tok, given_vocab)  # the size a learned tokenizer has
         if latest is not None and self.tok.ranks_text:
-            _check_same_tokenizer(saved, self.tok, self.run_dir)
-            _check_resumable(saved, cfg, self.run_dir)
+            start.check_same_tokenizer(saved, self.tok, self.run_dir)
+            start.check_resumable(saved, cfg, self.run_dir)
         return cfg
 
     def _build_state(self, cfg: Config, latest, saved, source) -> dict:
         """The strategy, and the training state created, restored or taken from the fine-tune's source
         straight into its layout: with fsdp no process holds the whole state. Returns its shapes."""
         t = cfg.train
-        self.graphdef, make_params = model_init(cfg)
+        self.graphdef, make_params = start.model_init(cfg)
         tx = make_optimizer(t)
 
         def make_state():
@@ -318,7 +203,7 @@ class Trainer:
                                                mesh=t.mesh)
         self.start = 0
         if latest is not None:
-            self.state = self.strategy.put_state(restore_state(self.ckpt, latest, saved, shapes, self.strategy,
+            self.state = self.strategy.put_state(start.restore_state(self.ckpt, latest, saved, shapes, self.strategy,
                                                                cfg.model.scan_layers))
             self.start = latest
             self.log(f"resume: continuing from step {latest} of {self.run_dir}")

@@ -33,7 +33,6 @@ def test_sliding_windows_score_every_token_once_with_context(T_, stride, piece):
     scored = {}
     for w in sliding_windows((stream[i:i + piece] for i in range(0, 41, piece)), T_, stride):
         assert len(w.x) == len(w.y) <= T_ and 0 <= w.first < w.end <= len(w.y)
-        begin = int(w.x[0])
         for j in range(w.first, w.end):
             assert w.y[j] not in scored
             scored[int(w.y[j])] = j + 1  # tokens of context: the window's inputs up to j

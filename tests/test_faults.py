@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ARGS, JAX_CACHE_ENV, ROOT, losses, make_corpus, run_until, start
+from conftest import ARGS, JAX_CACHE_ENV, ROOT, losses, make_corpus, start
 from gptjax import load
 from gptjax.checkpoint import CHECKPOINTS, TMP_SUFFIX, CheckpointVanished, list_steps, read_meta
 from gptjax.config import DataConfig
@@ -276,7 +276,7 @@ def test_the_next_newest_is_read_when_the_chosen_one_is_deleted_under_the_reader
     from gptjax import weights
     from gptjax.checkpoint import Checkpointer
     from gptjax.options import to_dict
-    from gptjax.trainer import init_model, resolve
+    from gptjax.start import init_model, resolve
 
     run = tmp_path / "run"
     cfg = resolve(tiny_config(run, tmp_path / "corpus"))

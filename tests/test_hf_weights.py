@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from conftest import ROOT, make_corpus
-from gptjax import convert, hf
+from gptjax import hf
 from gptjax.checkpoint import flatten
 
 # the full GPT-2 vocabulary (fine-tuning tokenizes with it), everything else tiny

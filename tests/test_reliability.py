@@ -15,7 +15,8 @@ from gptjax.checkpoint import Checkpointer
 from gptjax.config import DataConfig
 from gptjax.errors import UserError
 from gptjax.metrics import Progress
-from gptjax.trainer import is_out_of_memory, out_of_memory_error, train
+from gptjax.oom import is_out_of_memory, out_of_memory_error
+from gptjax.trainer import train
 
 
 def quiet(_):

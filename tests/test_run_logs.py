@@ -16,7 +16,8 @@ import pytest
 from conftest import tiny_config
 from gptjax.errors import UserError
 from gptjax.options import to_dict
-from gptjax.trainer import resolve, train
+from gptjax.start import resolve
+from gptjax.trainer import train
 from gptjax.wandb_log import WandbLog
 
 HAS_WANDB = importlib.util.find_spec("wandb") is not None

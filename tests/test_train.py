@@ -10,7 +10,7 @@ from flax import nnx
 from conftest import tiny_config
 from gptjax import load
 from gptjax.checkpoint import Checkpointer
-from gptjax.config import Config, ModelConfig, TrainConfig
+from gptjax.config import ModelConfig, TrainConfig
 from gptjax.errors import UserError
 from gptjax.model import GPT
 from gptjax.optim import learning_rate, make_optimizer
@@ -148,8 +148,8 @@ def test_fine_tune_from_a_run_directory(corpus, tmp_path):
     assert tuned["val_loss"][0] == pytest.approx(base["val_loss"][6], rel=1e-6)
     assert load(tmp_path / "tuned").config.model.n_embd == 32
     # a fine-tune reads its source's tokens, whatever tokenizer the preset names
-    from gptjax.trainer import _adopt_source_model
+    from gptjax.start import adopt_source_model
 
     other = dataclasses.replace(cfg, out_dir=str(tmp_path / "other"), data=dataclasses.replace(cfg.data, tokenizer="gpt2"))
-    adopted, source = _adopt_source_model(other)
+    adopted, source = adopt_source_model(other)
     assert adopted.data.tokenizer == "byte" and source.tokenizer.name == "byte"

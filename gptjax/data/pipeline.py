@@ -22,21 +22,19 @@ until then, shards prepared earlier in the folder stay as they were.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from gptjax import disk, locks
+from gptjax import disk
 from gptjax.config import DataConfig
+from gptjax.data import documents, durable
 from gptjax.data.shards import FORMAT_VERSION, SPLITS, TOKENIZER_FILE, Dataset, open_folder, read_meta
 from gptjax.data.sources import MAX_PIECE_CHARS, PIECE_CHARS, Problems, Reader, corpus_files
 from gptjax.data.workers import TokenizerPool, WorkerError
@@ -69,83 +67,6 @@ def _source(spec: str) -> str:
     return spec or "stdlib:" + sysconfig.get_paths()["stdlib"]
 
 
-def _to_val(index: int, fraction: float) -> bool:
-    return int((index + 1) * fraction) > int(index * fraction)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    _write_text(path, json.dumps(obj, indent=2))
-
-
-class _TrainingTexts:
-    """An iterable of the training documents' pieces for learning a tokenizer: every k-th training
-    document, k chosen so that about `limit` characters are taken from a larger corpus; `chars`
-    counts what was taken."""
-
-    def __init__(self, files, cfg: DataConfig, all_train: bool, limit: int):
-        self.files, self.cfg, self.all_train, self.limit, self.chars = files, cfg, all_train, limit, 0
-        self.every = max(1, -(-sum(f.stat().st_size for f in files) // limit))
-
-    def __iter__(self):
-        docs, take = -1, False
-        for piece in Reader(self.files, self.cfg.text_field, Problems(), skip_binary=len(self.files) > 1):
-            if piece.where[2] == 0:
-                docs += 1
-                take = (self.all_train or not _to_val(docs, self.cfg.val_fraction)) and docs % self.every == 0
-            if take:
-                self.chars += len(piece.text)
-                yield piece.text
-            if self.chars >= self.limit:
-                return
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@dataclass
-class Chunk:
-    pieces: list  # (text, split, ends_document)
-    state: dict  # the journal's reader fields once this chunk is written: next position, counts, problems
-
-
-def _chunks(reader: Reader, state: dict, val_from_file: int | None, fraction: float, chunk_chars: int):
-    """Pack the reader's pieces into chunks; decide each document's split as its first piece arrives."""
-    docs, val_docs = state["documents"], state["val_documents"]
-    f0, _, p0 = state["next"]
-    current = docs - 1 if p0 else docs  # resuming inside a document: it was counted when it began
-    to_val = (f0 >= val_from_file) if val_from_file is not None else _to_val(current, fraction)
-    pieces, size = [], 0
-
-    def snapshot(where):
-        return {"next": list(where), "documents": docs, "val_documents": val_docs,
-                "problems": reader.problems.state()}
-
-    for piece in reader:
-        if size >= chunk_chars:
-            yield Chunk(pieces, snapshot(piece.where))
-            pieces, size = [], 0
-        if piece.where[2] == 0:
-            to_val = piece.where[0] >= val_from_file if val_from_file is not None else _to_val(docs, fraction)
-            docs, val_docs = docs + 1, val_docs + to_val
-        pieces.append((piece.text, int(to_val), piece.last))
-        size += len(piece.text)
-    yield Chunk(pieces, snapshot((len(reader.files), 0, 0)))
-
-
 class _Progress:
     """In a terminal a bar redrawn as work is done; elsewhere a line every `interval` seconds."""
 
@@ -176,36 +97,6 @@ class _Progress:
         if self.bar:
             sys.stdout.write("\r\033[K")
             sys.stdout.flush()
-
-
-class _Stopped(Exception):
-    def __init__(self, signum: int):
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _sigterm_stops():
-    """SIGTERM ends the preparation as Ctrl-C does: what is written is committed first."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise _Stopped(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _locked(folder: Path, log) -> locks.DirectoryLock:
-    """One preparation per folder at a time; a second waits for the first (then reuses its work)."""
-    with disk.writing(folder, "the shard folder's lock file"):
-        return locks.acquire(folder, "preparing token shards", wait=True,
-                             on_wait=lambda holder: log(f"data: {holder.describe()} is preparing {folder}; "
-                                                        "waiting for it"))
 
 
 def default_workers() -> int:
@@ -250,7 +141,7 @@ class _Preparation:
         if cfg.tokenizer != "bpe":
             return get_tokenizer(cfg.tokenizer)
         if self.given is not None:  # a fine-tune goes on with its source's tokenizer
-            _write_text(self.tokenizer_partial, self.given.ranks_text)
+            durable.write_text(self.tokenizer_partial, self.given.ranks_text)
             return self.given
         # a partial file that outlived _resume_state belongs to the journal it resumes (a complete one may
         # already have been renamed)
@@ -258,9 +149,9 @@ class _Preparation:
             if path.is_file():
                 return bpe_tokenizer(path.read_text())
         started = time.time()
-        texts = _TrainingTexts(self.files, cfg, bool(self.val_files), BPE_SAMPLE_CHARS)
+        texts = documents.TrainingTexts(self.files, cfg, bool(self.val_files), BPE_SAMPLE_CHARS)
         ranks_text = ranks_to_text(learn_bpe(texts, cfg.bpe_vocab))
-        _write_text(self.tokenizer_partial, ranks_text)
+        durable.write_text(self.tokenizer_partial, ranks_text)
         tok = bpe_tokenizer(ranks_text)
         self.log(f"data: learned a bpe tokenizer of {tok.vocab_size:,} tokens from {texts.chars / 1e6:,.1f} MB of the "
                  f"training documents in {time.time() - started:.1f} s")
@@ -312,7 +203,7 @@ class _Preparation:
         for f in files.values():
             f.flush()
             os.fsync(f.fileno())
-        _write_json(self.journal_path, {**self.state, "layout": self.layout})
+        durable.write_json(self.journal_path, {**self.state, "layout": self.layout})
 
     def run(self, workers: int) -> dict:
         """Tokenize what is left, then finish; return meta.json's content."""
@@ -324,7 +215,7 @@ class _Preparation:
             self._move_tail_to_val()
         self._check_usable()
         self.state["complete"] = True
-        _write_json(self.journal_path, {**self.state, "layout": self.layout})
+        durable.write_json(self.journal_path, {**self.state, "layout": self.layout})
         return self._finish()
 
     def _tokenize(self, workers: int) -> None:
@@ -335,13 +226,13 @@ class _Preparation:
                         piece_chars=self.layout["piece_chars"], max_piece_chars=self.layout["max_piece_chars"])
         val_from = len(self.files) if self.val_files else None
         self.reader = reader  # for space_needed()
-        chunks = _chunks(reader, state, val_from, cfg.val_fraction, self.chunk_chars)
+        chunks = documents.chunks(reader, state, val_from, cfg.val_fraction, self.chunk_chars)
         progress = _Progress(reader.total_bytes, self.log)
         started, text_bytes = time.time(), 0
         files = {s: open(p, "ab") for s, p in self.partial.items()}
         last_commit = time.time()
         try:
-            with _sigterm_stops(), TokenizerPool(self.tok.encoding, self.tok.eot_id, self.dtype, workers) as pool:
+            with durable.sigterm_stops(), TokenizerPool(self.tok.encoding, self.tok.eot_id, self.dtype, workers) as pool:
                 for chunk, (ids, nbytes) in pool.map(chunks):
                     for split, arr in zip(SPLITS, ids):
                         files[split].write(memoryview(arr).cast("B"))
@@ -358,10 +249,10 @@ class _Preparation:
                 state["input_done"] = True
                 self._commit(files)
                 self.worker_peak = pool.peak_rss()
-        except (KeyboardInterrupt, _Stopped) as e:
+        except (KeyboardInterrupt, durable.Stopped) as e:
             self._commit(files)  # every chunk written so far is whole: keep it
             progress.close()
-            signum = e.signum if isinstance(e, _Stopped) else signal.SIGINT
+            signum = e.signum if isinstance(e, durable.Stopped) else signal.SIGINT
             self.log(f"data: preparation stopped by {signal.Signals(signum).name} after "
                      f"{state['train_tokens'] + state['val_tokens']:,} tokens; run the same command again to "
                      "continue where it stopped")
@@ -399,7 +290,7 @@ class _Preparation:
         eots = self._count(self.partial["val"], self.tok.eot_id)
         state.update(train_tokens=n - k, val_tokens=k, train_bytes=state["train_bytes"] - moved_bytes,
                      val_bytes=moved_bytes, split="tail", val_documents=eots)
-        _write_json(self.journal_path, {**state, "layout": self.layout})  # recorded first: a repeat stays exact
+        durable.write_json(self.journal_path, {**state, "layout": self.layout})  # recorded first: a repeat stays exact
         with open(self.partial["train"], "r+b") as f:
             f.truncate((n - k) * itemsize)
 
@@ -453,9 +344,9 @@ class _Preparation:
                 os.replace(path, self.folder / f"{split}.bin")
         if self.tokenizer_partial.exists():
             os.replace(self.tokenizer_partial, self.folder / TOKENIZER_FILE)
-        _write_json(self.folder / "meta.json", meta)
+        durable.write_json(self.folder / "meta.json", meta)
         self.journal_path.unlink(missing_ok=True)
-        _fsync_dir(self.folder)
+        durable.fsync_dir(self.folder)
         return meta
 
 
@@ -496,7 +387,7 @@ def prepare(cfg: DataConfig, data_dir: str | Path, log=print, shared: bool = Fal
     ds = reuse()
     if ds is not None:
         return ds
-    with _locked(folder, log):
+    with durable.locked(folder, log):
         ds = reuse()  # another process may have prepared it while this one waited
         if ds is not None:
             return ds
