@@ -203,8 +203,8 @@ class Trainer:
                                                mesh=t.mesh)
         self.start = 0
         if latest is not None:
-            self.state = self.strategy.put_state(start.restore_state(self.ckpt, latest, saved, shapes, self.strategy,
-                                                               cfg.model.scan_layers))
+            restored = start.restore_state(self.ckpt, latest, saved, shapes, self.strategy, cfg.model.scan_layers)
+            self.state = self.strategy.put_state(restored)
             self.start = latest
             self.log(f"resume: continuing from step {latest} of {self.run_dir}")
         elif source is not None:  # read whole, as sampling reads it
