@@ -19,10 +19,12 @@ import numpy as np
 from flax import nnx
 
 from gptjax.config import Config
+from gptjax.cpu import tune_for_cpu
 from gptjax.options import parse_args
 from gptjax.errors import cli
 from gptjax.model import GPT, count_params
 from gptjax.optim import make_optimizer
+from gptjax.cpu import applied
 from gptjax.parallel import STRATEGIES, describe, plan_batch, select_devices
 from gptjax.start import resolve
 
@@ -56,9 +58,11 @@ def report(cfg: Config) -> dict:
     state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
              "step": jax.ShapeDtypeStruct((), jnp.int32)}
     x = jax.ShapeDtypeStruct((accum, micro, cfg.model.block_size), jnp.int32)
-    out = {"params": count_params(params), "devices": describe(devices), "batch": (accum, micro, cfg.model.block_size)}
+    out = {"params": count_params(params), "devices": describe(devices), "batch": (accum, micro, cfg.model.block_size),
+           "remat": t.remat, "mesh": t.mesh}
     for name, cls in STRATEGIES.items():
-        strategy = cls(graphdef, tx, cfg.model.dropout, devices, loss_chunk=t.loss_chunk, remat=t.remat)
+        strategy = cls(graphdef, tx, cfg.model.dropout, devices, loss_chunk=t.loss_chunk, remat=t.remat,
+                       **({"mesh": t.mesh} if name == "fsdp" else {}))
         start = time.time()
         mem = strategy.lower(state, x).compile().memory_analysis()
         out[name] = {
@@ -76,7 +80,9 @@ def report(cfg: Config) -> dict:
 
 def format_report(r: dict) -> str:
     A, B, T = r["batch"]
-    lines = [f"{r['params'] / 1e6:,.1f}M parameters; a step of {A} x {B} x {T} tokens on {r['devices']}",
+    lines = [f"{r['params'] / 1e6:,.1f}M parameters; a step of {A} x {B} x {T} tokens on {r['devices']}; "
+             f"remat {r['remat']}" + (f"; fsdp mesh {r['mesh']}" if r['mesh'] else "")
+             + (f"; CPU: {', '.join(applied)}" if applied else ""),
              f"{'per device, GB':<44}{'pmap':>10}{'fsdp':>10}{'fsdp/pmap':>11}"]
     rows = [("parameters + optimizer state", "state"), ("compiler: arguments", "arguments"),
             ("compiler: outputs", "outputs"), ("compiler: temporaries", "temporaries"),
@@ -91,6 +97,7 @@ def format_report(r: dict) -> str:
 @cli
 def main(argv: list[str]) -> None:
     simulate_cpu_devices(argv)  # before JAX starts its backend: importing JAX does not start it
+    tune_for_cpu(reuse_memory=False)  # on a CPU, the step compiled with train.py's schedule
     cfg = parse_args(argv, prog="python -m gptjax.memory",
                      intro="Memory per device of the compiled training step, pmap against fsdp. "
                            "On a CPU, --train.devices=N simulates N devices.")
