@@ -19,12 +19,11 @@ import numpy as np
 from flax import nnx
 
 from gptjax.config import Config
-from gptjax.cpu import tune_for_cpu
+from gptjax.cpu import applied, tune_for_cpu
 from gptjax.options import parse_args
 from gptjax.errors import cli
 from gptjax.model import GPT, count_params
 from gptjax.optim import make_optimizer
-from gptjax.cpu import applied
 from gptjax.parallel import STRATEGIES, describe, plan_batch, select_devices
 from gptjax.start import resolve
 
@@ -62,7 +61,7 @@ def report(cfg: Config) -> dict:
            "remat": t.remat, "mesh": t.mesh}
     for name, cls in STRATEGIES.items():
         strategy = cls(graphdef, tx, cfg.model.dropout, devices, loss_chunk=t.loss_chunk, remat=t.remat,
-                       **({"mesh": t.mesh} if name == "fsdp" else {}))
+                       mesh=t.mesh if name == "fsdp" else "")  # pmap refuses a model axis
         start = time.time()
         mem = strategy.lower(state, x).compile().memory_analysis()
         out[name] = {
