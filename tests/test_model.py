@@ -13,12 +13,22 @@ from gptjax.model import GPT, count_params
 
 def build(**kw):
     """A small model; an untied output layer gets random weights (it starts at zero, which would make
-    every logit and gradient comparison trivial)."""
+    every logit and gradient comparison trivial). Created by compiled code: run op by op, every new
+    shape costs each of its hundreds of operations a compilation of its own (seconds per model)."""
     cfg = ModelConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 100, **kw})
-    model = GPT(cfg, nnx.Rngs(0))
-    if not cfg.tie_embeddings:
-        model.lm_head.embedding.value = jax.random.normal(jax.random.key(1), model.lm_head.embedding.shape) * 0.02
-    return model
+
+    @nnx.jit
+    def create():
+        model = GPT(cfg, nnx.Rngs(0))
+        if not cfg.tie_embeddings:
+            model.lm_head.embedding.value = jax.random.normal(jax.random.key(1), model.lm_head.embedding.shape) * 0.02
+        return model
+    return create()
+
+
+# the model's two entry points compiled whole (test_jit_matches_eager checks that this changes nothing)
+forward = nnx.jit(lambda model, x, **kw: model(x, **kw))
+decode = nnx.jit(lambda model, x, cache, **kw: model.decode(x, cache, **kw))
 
 
 def tokens(B=2, T=16, V=100, seed=0):
@@ -35,7 +45,7 @@ VARIANTS = {"gpt2": {}, "sincos": dict(pos_encoding="sincos"), "rope": dict(pos_
 
 def test_shapes_and_names():
     model = build()
-    logits = model(tokens())
+    logits = forward(model, tokens())
     assert logits.shape == (2, 16, 128) and logits.dtype == jnp.float32  # vocabulary 100 padded to 128
     names = set(flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
     for name in ["wte/embedding", "wpe/embedding", "h/0/ln_1/scale", "h/0/attn/c_attn/kernel",
@@ -61,7 +71,7 @@ def test_initialisation_follows_gpt2():
 
 
 def test_padded_vocabulary_is_never_predicted():
-    logits = build()(tokens())
+    logits = forward(build(), tokens())
     assert bool(jnp.all(jnp.isneginf(logits[..., 100:])))
     assert bool(jnp.all(jnp.isfinite(logits[..., :100])))
 
@@ -79,8 +89,9 @@ def test_causality_by_gradients(variant):
             e, _ = block(e, positions)
         return model._logits(e)[0, t, :100].sum()
 
+    grad = jax.jit(jax.grad(out_at))  # one compilation for every t
     for t in (0, 7, 15):
-        norms = jnp.abs(jax.grad(out_at)(embed, t)[0]).sum(-1)
+        norms = jnp.abs(grad(embed, t)[0]).sum(-1)
         assert float(norms[: t + 1].min()) > 0
         assert float(norms[t + 1:].sum()) == 0.0
 
@@ -89,12 +100,12 @@ def test_causality_by_gradients(variant):
 def test_cached_decoding_matches_full_forward(variant):
     model = build(**VARIANTS[variant])
     x = tokens(B=2, T=16)
-    full = model(x)
+    full = forward(model, x)
     cache = model.init_cache(2)
-    logits, cache = model.decode(x[:, :5], cache)  # prefill 5, then one token at a time
+    logits, cache = decode(model, x[:, :5], cache)  # prefill 5, then one token at a time
     np.testing.assert_allclose(logits, full[:, :5], atol=1e-5)
     for t in range(5, 16):
-        logits, cache = model.decode(x[:, t:t + 1], cache)
+        logits, cache = decode(model, x[:, t:t + 1], cache)
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
     assert int(cache["index"]) == 16
 
@@ -103,11 +114,11 @@ def test_cached_decoding_matches_full_forward(variant):
 def test_left_padding_with_mask_matches_unpadded(variant):
     model = build(**VARIANTS[variant])
     x = tokens(B=1, T=10)
-    alone = model(x)[0, -1]
+    alone = forward(model, x)[0, -1]
     padded = jnp.concatenate([jnp.zeros((1, 6), jnp.int32), x], axis=1)
     mask = jnp.arange(16)[None] >= 6
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    logits, _ = model.decode(padded, model.init_cache(1), positions_BT=positions, token_mask_BT=mask)
+    logits, _ = decode(model, padded, model.init_cache(1), positions_BT=positions, token_mask_BT=mask)
     np.testing.assert_allclose(logits[0, -1], alone, atol=1e-5)
 
 
@@ -131,9 +142,9 @@ def test_dropout_only_in_training():
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     model = build(dtype="bfloat16")
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    logits = model(tokens())
+    logits = forward(model, tokens())
     assert logits.dtype == jnp.float32
-    ref = build()(tokens())
+    ref = forward(build(), tokens())
     assert float(jnp.abs(logits[..., :100] - ref[..., :100]).max()) < 0.05
 
 
