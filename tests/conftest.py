@@ -16,10 +16,14 @@ import tempfile  # noqa: E402
 # and runs the executable the compiler made for that very program. The size limit turns on the cache's
 # file lock, so that processes reading and writing it at once never see half an entry.
 # GPTJAX_TEST_COMPILE_CACHE=off compiles everything afresh, as before.
+# The suite's worker processes (pytest -n) inherit the cache of the process that started them.
 JAX_CACHE_ENV: dict[str, str] = {}
 if os.environ.get("GPTJAX_TEST_COMPILE_CACHE", "on") != "off":
-    _cache_dir = tempfile.mkdtemp(prefix="gptjax-test-xla-cache-")
-    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    _cache_dir = os.environ.get("GPTJAX_TEST_CACHE_DIR", "")
+    if not (os.environ.get("PYTEST_XDIST_WORKER") and _cache_dir):
+        _cache_dir = tempfile.mkdtemp(prefix="gptjax-test-xla-cache-")
+        os.environ["GPTJAX_TEST_CACHE_DIR"] = _cache_dir
+        atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
     JAX_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": _cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1", "JAX_COMPILATION_CACHE_MAX_SIZE": str(16 << 30)}
     os.environ.update(JAX_CACHE_ENV)  # for this process, and the processes that inherit its environment

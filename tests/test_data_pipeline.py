@@ -221,9 +221,12 @@ def big_corpus(tmp_path_factory):
 
 
 def start_prepare(corpus, folder):
+    """The preparation as a terminal's foreground command: Ctrl-C's SIGINT at its default, whatever this
+    process inherited (a shell's background job, `cmd &`, starts with SIGINT ignored, and so would its
+    children)."""
     return subprocess.Popen([sys.executable, "-m", "gptjax.data", "prepare", f"--data.corpus={corpus}",
                              f"--data.dir={folder}", "--data.tokenizer=gpt2", "--data.workers=1"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_commit(folder, after=None, timeout=60):

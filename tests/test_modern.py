@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import tiny_config
 from gptjax import data, load
@@ -51,10 +52,15 @@ def test_modern_run_resumes_exactly_and_samples(corpus, tmp_path):
     prompt = "def function_3_4(x):\n"
     greedy = model.generate(prompt, max_new_tokens=20, temperature=0)
     assert len(greedy) > 0 and greedy == "".join(model.stream(prompt, max_new_tokens=20, temperature=0))
-    # cached greedy decoding continues exactly as the full forward pass would pick, token by token
+    # cached greedy decoding continues exactly as the full forward pass would pick, token by token; the
+    # forward pass compiled once, over the whole context padded at the end (causal: the padding after a
+    # position changes nothing at it)
     ids = model.tokenizer.encode(prompt)
+    T = model.config.model.block_size
+    forward = nnx.jit(lambda m, x: m(x))
     for _ in range(5):
-        logits = np.asarray(model.model(np.array([ids[-model.config.model.block_size:]])))[0, -1]
+        assert len(ids) < T
+        logits = np.asarray(forward(model.model, np.array([ids + [0] * (T - len(ids))])))[0, len(ids) - 1]
         ids.append(int(np.argmax(logits)))
     assert model.tokenizer.decode(ids[len(model.tokenizer.encode(prompt)):]) == greedy[:len(
         model.tokenizer.decode(ids[len(model.tokenizer.encode(prompt)):]))]
