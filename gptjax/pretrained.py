@@ -16,7 +16,7 @@ from flax import nnx
 from gptjax import weights
 from gptjax.config import Config
 from gptjax.errors import UserError
-from gptjax.generate import stream_ids
+from gptjax.generate import GEMV_ROWS, output_matrix, stream_ids
 from gptjax.model import GPT
 from gptjax.stops import StopText, check_stops
 from gptjax.tokenizer import Tokenizer, get_tokenizer
@@ -43,14 +43,27 @@ class Pretrained:
         self.params = params
         self.step = step
         self.path = path
+        self._head_of = self._head_DV = None
 
     @property
     def model(self) -> GPT:
         return nnx.merge(self.graphdef, self.params)
 
+    def _head(self, n_prompts: int):
+        """generate.output_matrix, made at the first sampling of at most GEMV_ROWS prompts and kept while
+        the output layer's array is the same one (the copy's memory, 0.15 GB for GPT-2 124M in float32,
+        against a transpose of it before every call)."""
+        if n_prompts > GEMV_ROWS:
+            return None
+        layer = self.params["wte" if self.config.model.tie_embeddings else "lm_head"]["embedding"]
+        if self._head_of is not layer:
+            self._head_of, self._head_DV = layer, output_matrix(self.graphdef, self.params)
+        return self._head_DV
+
     def _stream_ids(self, texts: list[str], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                     seed: int, chunk: int, should_end=None):
         return stream_ids(self.graphdef, self.params, [self.tokenizer.encode(t) for t in texts],
+                          head_DV=self._head(len(texts)),
                           block_size=self.config.model.block_size, eot_id=self.tokenizer.eot_id,
                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           seed=seed, chunk=chunk, should_end=should_end)
