@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax.config import ModelConfig
-from gptjax.generate import generate_ids
+from gptjax.generate import generate_ids, output_matrix
 from gptjax.model import GPT, count_params
 from gptjax.timing import compile_seconds, median_time
 
@@ -30,40 +30,44 @@ MODELS = {  # the reference shape of the CPU figures, and GPT-2 small for accele
 }
 
 
-def read_bandwidth(megabytes: int = 512) -> float:
-    """Memory read bandwidth in bytes/s: the best of a compiled sum and one numpy sum per core."""
+def bandwidth_meter(megabytes: int = 512):
+    """A function () -> memory read bandwidth in bytes/s: the best of a compiled sum and one numpy sum per
+    core over the same `megabytes` (allocated once)."""
     n = megabytes * 2**20 // 4
     x = jnp.ones((n,), jnp.float32)
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
-    best = x.nbytes / median_time(lambda: total(x).block_until_ready(), 5)
-    if jax.default_backend() == "cpu":
-        a = np.ones(n, np.float32)
-        parts = np.array_split(a, os.cpu_count() or 1)
+    parts = np.array_split(np.ones(n, np.float32), os.cpu_count() or 1) if jax.default_backend() == "cpu" else []
 
-        def threaded():
-            threads = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+    def threaded():
+        threads = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
-        threaded()
-        best = max(best, a.nbytes / median_time(threaded, 5))
-    return best
+    def measure() -> float:
+        best = x.nbytes / median_time(lambda: total(x).block_until_ready(), 5)
+        if parts:
+            threaded()
+            best = max(best, x.nbytes / median_time(threaded, 5))
+        return best
+
+    return measure
 
 
 def _gptjax_runner(model_cfg: ModelConfig, prompt_tokens: int):
     """A function (batch, n) -> seconds to generate n tokens after each of `batch` random prompts; the params."""
     graphdef, params = nnx.split(GPT(model_cfg, nnx.Rngs(0)), nnx.Param)
     params = nnx.to_pure_dict(params)
+    head_DV = output_matrix(graphdef, params)  # made once, as a loaded model keeps it
     rng = np.random.default_rng(0)
 
     def run(batch: int, n: int) -> float:
         prompts = rng.integers(0, model_cfg.vocab_size, (batch, prompt_tokens)).tolist()
         t0 = time.perf_counter()
         out = generate_ids(graphdef, params, prompts, block_size=model_cfg.block_size, eot_id=-1,
-                           max_new_tokens=n, temperature=0)  # eot -1: every row makes all n tokens
+                           max_new_tokens=n, temperature=0, head_DV=head_DV)  # eot -1: every row makes all n
         seconds = time.perf_counter() - t0
         assert all(len(o) == n for o in out)
         return seconds
@@ -132,6 +136,7 @@ def bench_sample(args) -> None:
           f"({device.device_kind}), {os.cpu_count()} CPU cores", flush=True)
 
     rows: dict[str, dict[str, float]] = {name: {} for name in runners}
+    meter, bandwidths = bandwidth_meter(), []
     for batch in args.batch:
         for name in ours:
             rows[name][f"batch {batch}: compile s"] = compile_seconds(lambda: runners[name](batch, args.new_tokens))
@@ -140,10 +145,11 @@ def bench_sample(args) -> None:
             run(batch, args.new_tokens)
         first = {name: [] for name in runners}
         total = {name: [] for name in runners}
-        for _ in range(args.runs):  # alternate, so that all see the same load
+        for _ in range(args.runs):  # alternate, so that all see the same load, the bandwidth's bound too
             for name, run in runners.items():
                 first[name].append(run(batch, 1))
                 total[name].append(run(batch, args.new_tokens))
+            bandwidths.append(meter())
         for name in runners:
             t_first, t_total = statistics.median(first[name]), statistics.median(total[name])
             rows[name][f"batch {batch}: decode tokens/s"] = batch * (args.new_tokens - 1) / max(t_total - t_first, 1e-9)
@@ -152,8 +158,9 @@ def bench_sample(args) -> None:
     if "torch" in runners:
         runners["torch"].close()
 
-    bandwidth = read_bandwidth()
-    print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    bandwidth = statistics.median(bandwidths)
+    print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s (median of {len(bandwidths)}, measured between the "
+          "runs: a machine whose speed changes moves the bound with the figures)")
     for name in ours:
         bound = bandwidth / bytes_per_token[name]
         decode = rows[name].get("batch 1: decode tokens/s")
