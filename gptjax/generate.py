@@ -167,12 +167,11 @@ def _decode(params, head_DV, state: DecodeState, stop, key, temperature, top_p, 
     """Decode until `stop` tokens are written or every row has ended."""
     dtype = compute_dtype(nnx.merge(graphdef, params).cfg)
     model = nnx.merge(graphdef, _compute_params(params, dtype))
+    if state.tok_B.shape[0] > GEMV_ROWS:  # a matrix product: the stored layout is the faster one
+        head_DV = None
 
     def cond(s: DecodeState):
         return (s.i < stop) & ~jnp.all(s.done_B)
-
-    if state.tok_B.shape[0] > GEMV_ROWS:
-        head_DV = None
 
     def body(s: DecodeState):
         logits_B1V, cache = model.decode(s.tok_B[:, None], s.cache, positions_BT=s.pos_B[:, None], head_DV=head_DV)
