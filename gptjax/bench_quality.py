@@ -29,10 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 # The baseline: the CPU default as it was (GPT-2 architecture, tokenizer and AdamW), the cpu-gpt2 preset.
 BASELINE = ["--config=cpu-gpt2"]
@@ -149,33 +146,17 @@ def validation_documents() -> list[str]:
 
 
 def score(run_dir: Path, docs: list[str], batch: int = 16) -> float:
-    """Bits per byte of `docs`, each scored from its start in windows of the model's context."""
+    """Bits per byte of `docs`, each scored from its start in windows of the model's context that do not
+    overlap, through the one scorer (gptjax.eval.score)."""
+    from gptjax.eval.score import Scorer, sliding_windows
     from gptjax.pretrained import load
 
     model = load(run_dir)
     T, tok = model.config.model.block_size, model.tokenizer
-    windows = []
-    for doc in docs:
-        ids = [tok.eot_id] + tok.encode(doc)
-        for start in range(0, len(ids) - 1, T):
-            piece = ids[start:start + T + 1]
-            windows.append((piece[:-1], piece[1:]))
-
-    @jax.jit
-    def nll_sum(params, x_BT, y_BT, mask_BT):
-        logp_BTV = jax.nn.log_softmax(nnx.merge(model.graphdef, params)(x_BT), axis=-1)
-        picked_BT = jnp.take_along_axis(logp_BTV, y_BT[..., None], axis=-1)[..., 0]
-        return -(picked_BT * mask_BT).sum()
-
-    total = 0.0
-    for i in range(0, len(windows), batch):
-        group = windows[i:i + batch] + [([0], [0])] * (batch - len(windows[i:i + batch]))
-        x, y, mask = (np.zeros((batch, T), np.int32) for _ in range(3))
-        for r, (inputs, targets) in enumerate(group):
-            x[r, :len(inputs)], y[r, :len(targets)] = inputs, targets
-            mask[r, :len(targets)] = 1 if r < len(windows) - i else 0
-        total += float(nll_sum(model.params, x, y, mask.astype(np.float32)))
-    return total / (sum(len(d.encode("utf-8")) for d in docs) * math.log(2))
+    scorer = Scorer(model.graphdef, model.params, T, batch)
+    windows = (w for doc in docs for w in sliding_windows([[tok.eot_id], tok.encode(doc)], T, T))
+    nll = -sum(float(np.sum(s.logp, dtype=np.float64)) for s in scorer.windows(windows))
+    return nll / (sum(len(d.encode("utf-8")) for d in docs) * math.log(2))
 
 
 def bench_quality(args, rest: list[str]) -> None:

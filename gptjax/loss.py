@@ -1,4 +1,5 @@
-"""Next-token cross-entropy: the plain form, and a chunked one that never holds the batch's logits.
+"""Next-token cross-entropy: the plain form, a chunked one that never holds the batch's logits, and
+the scorer every figure of a trained model comes from (`token_logprobs`).
 
 The output layer is the model's largest product: for the reference shape (2,048 tokens a step,
 a 50,304-word vocabulary) its float32 logits take 412 MB, and autodiff keeps them, their
@@ -34,7 +35,7 @@ def _chunks(h_BTD, targets_BT, chunk: int):
     positions of every sequence, about `chunk` tokens each. Chunks split time, not the batch, so
     a batch sharded over devices stays sharded the same way in every chunk."""
     B, T, _ = h_BTD.shape
-    t = max(1, min(T, chunk // B))
+    t = max(1, min(T, chunk // B)) if chunk > 0 else T
     C = -(-T // t)
     pad = C * t - T
     weights_BT = jnp.full((B, T), 1.0 / (B * T), jnp.float32)
@@ -116,3 +117,28 @@ def _bwd(vocab_size, chunk, grads, g):
 
 
 chunked_cross_entropy.defvjp(_forward_and_gradients, _bwd)  # the gradients are the residuals
+
+
+def token_logprobs(h_BTD, w_VD, targets_BT, vocab_size: int, chunk: int):
+    """log p(target | the positions up to it) at every position (float32, (B, T)) and whether the target was
+    the most likely token (bool, (B, T)), about `chunk` tokens at a time (0: all at once).
+
+    The one scorer: validation losses, text and task scores, `logprobs`, bits per byte and the
+    benchmarks' figures all come from here, with the arithmetic of the training loss (the same
+    chunks and the same output-layer product in the compute dtype, float32 from the logits on).
+    """
+    B, T, _ = h_BTD.shape
+    hs, ts, _ = _chunks(h_BTD, targets_BT, chunk)
+    w = _real_vocab(w_VD, vocab_size, h_BTD.dtype)
+
+    def one_chunk(inputs):
+        x_BtD, t_Bt = inputs
+        logits_RV = _chunk_logits(x_BtD, w)
+        top_R = logits_RV.max(axis=-1)  # the log-sum-exp's shift, and the greedy test: one pass, not two
+        label_R = jnp.take_along_axis(logits_RV, t_Bt.reshape(-1, 1), axis=-1)[:, 0]
+        logz_R = top_R + jnp.log(jnp.sum(jnp.exp(logits_RV - top_R[:, None]), axis=-1))
+        return (label_R - logz_R).reshape(t_Bt.shape), (label_R >= top_R).reshape(t_Bt.shape)
+
+    logp_CBt, greedy_CBt = jax.lax.map(one_chunk, (hs, ts))
+    unchunk = lambda a: jnp.moveaxis(a, 0, 1).reshape(B, -1)[:, :T]  # noqa: E731
+    return unchunk(logp_CBt), unchunk(greedy_CBt)

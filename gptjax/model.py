@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.config import ModelConfig
-from gptjax.loss import chunked_cross_entropy, cross_entropy
+from gptjax.loss import chunked_cross_entropy, cross_entropy, token_logprobs
 from gptjax.precision import resolve
 
 INIT_STD = 0.02
@@ -292,6 +292,12 @@ class GPT(nnx.Module):
             return cross_entropy(self._logits(x_BTD), targets_BT)
         h_BTD = self.ln_f(x_BTD).astype(_dtype(self.cfg.dtype))
         return chunked_cross_entropy(h_BTD, self.output_layer.embedding[...], targets_BT, self.cfg.vocab_size, chunk)
+
+    def token_logprobs(self, idx_BT, targets_BT, *, chunk: int = 2048):
+        """log p(target | the sequence up to it) at every position (float32), and whether each target was the
+        model's first choice: the scorer of every figure (loss.token_logprobs), through the output layer."""
+        h_BTD = self.ln_f(self.features(idx_BT)).astype(_dtype(self.cfg.dtype))
+        return token_logprobs(h_BTD, self.output_layer.embedding[...], targets_BT, self.cfg.vocab_size, chunk)
 
     def init_cache(self, batch_size: int, length: int | None = None, dtype=None):
         cfg = self.cfg

@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import codecs
-import functools
 import math
 from collections.abc import Iterator
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptjax import weights
+from gptjax import precision, weights
 from gptjax.config import Config
 from gptjax.errors import UserError
+from gptjax.eval.score import Scorer, sliding_windows
 from gptjax.generate import GEMV_ROWS, output_matrix, stream_ids
 from gptjax.model import GPT
 from gptjax.stops import StopText, check_stops
 from gptjax.tokenizer import Tokenizer, get_tokenizer
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _window_logprobs(params, ids_1T, targets_1T, *, graphdef):
-    """log p(targets[t] | ids[:t+1]) at every position of one window (float32)."""
-    logits_1TV = nnx.merge(graphdef, params)(ids_1T)
-    logp_1TV = jax.nn.log_softmax(logits_1TV, axis=-1)  # padded ids are -inf: no mass
-    return jnp.take_along_axis(logp_1TV, targets_1T[..., None], axis=-1)[..., 0]
 
 
 class Pretrained:
@@ -44,6 +34,12 @@ class Pretrained:
         self.step = step
         self.path = path
         self._head_of = self._head_DV = None
+        self._scorer_of = self._scorer = None
+
+    @property
+    def dtype(self) -> str:
+        """The compute dtype, 'float32' or 'bfloat16' (what the config's dtype, auto resolved, stands for)."""
+        return precision.resolve(self.config.model.dtype)
 
     @property
     def model(self) -> GPT:
@@ -55,7 +51,7 @@ class Pretrained:
         against a transpose of it before every call)."""
         if n_prompts > GEMV_ROWS:
             return None
-        layer = self.params["wte" if self.config.model.tie_embeddings else "lm_head"]["embedding"]
+        layer = self.model.output_layer.embedding[...]
         if self._head_of is not layer:
             self._head_of, self._head_DV = layer, output_matrix(self.graphdef, self.params)
         return self._head_DV
@@ -136,21 +132,10 @@ class Pretrained:
         """
         ids = np.asarray(([self.tokenizer.eot_id] if from_start else []) + self.tokenizer.encode(text), np.int32)
         T = self.config.model.block_size
-        stride = max(1, T // 2)
-        out = np.zeros(max(len(ids) - 1, 0), np.float32)
-        scored = 0  # targets 1..scored are done
-        start = 0
-        while scored < len(ids) - 1:
-            window = ids[start:start + T + 1]  # inputs window[:-1], targets window[1:]
-            x = np.zeros((1, T), np.int32)
-            y = np.zeros((1, T), np.int32)
-            x[0, :len(window) - 1], y[0, :len(window) - 1] = window[:-1], window[1:]
-            logp = np.asarray(_window_logprobs(self.params, x, y, graphdef=self.graphdef))[0]
-            first = scored - start  # the window's first target not yet scored
-            out[scored:start + len(window) - 1] = logp[first:len(window) - 1]
-            scored = start + len(window) - 1
-            start += stride
-        return out
+        if self._scorer_of is not self.params:  # made once, and again only for other parameters
+            self._scorer_of, self._scorer = self.params, Scorer(self.graphdef, self.params, T, batch_size=1)
+        scored = [s.logp for s in self._scorer.windows(sliding_windows([ids], T, max(1, T // 2)))]
+        return np.concatenate(scored) if scored else np.zeros(0, np.float32)
 
     def bits_per_byte(self, text: str) -> float:
         """The model's cross-entropy on `text` in bits per UTF-8 byte: every token is scored, the first
@@ -173,7 +158,7 @@ class Pretrained:
     def __repr__(self):
         m = self.config.model
         return (f"Pretrained({str(self.path)!r}, step={self.step}, {m.n_layer} layers, {m.n_head} heads, "
-                f"width {m.n_embd}, context {m.block_size}, tokenizer {self.tokenizer.name!r})")
+                f"width {m.n_embd}, context {m.block_size}, tokenizer {self.tokenizer.name!r}, {self.dtype} compute)")
 
 
 def load(path: str | Path, step: int | None = None, dtype: str | None = None) -> Pretrained:

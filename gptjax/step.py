@@ -65,7 +65,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, dropout: float,
 
 
 def make_eval_step(graphdef, reduce: Callable = lambda tree: tree, loss_chunk: int = LOSS_CHUNK):
+    """The validation loss: the mean negative log-likelihood from the model's one scorer (GPT.token_logprobs)."""
     def eval_step(params, x_BT, y_BT):
-        return reduce(loss_fn(graphdef, params, x_BT, y_BT, loss_chunk=loss_chunk))
+        logp_BT, _ = nnx.merge(graphdef, params).token_logprobs(x_BT, y_BT, chunk=loss_chunk)
+        return reduce(-logp_BT.mean())
 
     return eval_step

@@ -34,7 +34,7 @@ from gptjax.metrics import MetricsLog, Progress, Rate, flops_per_token, fmt_time
 from gptjax.model import count_params
 from gptjax.optim import learning_rate, make_optimizer
 from gptjax.parallel import STRATEGIES, describe, parse_mesh, plan_batch, select_devices
-from gptjax.precision import auto_dtype
+from gptjax import precision
 from gptjax.signals import StopRequest
 from gptjax.stacked import relayout
 from gptjax.tokenizer import get_tokenizer
@@ -122,6 +122,7 @@ class Trainer:
         """The run's config with the vocabulary size filled in, and for a fine-tune its source's model and
         tokenizer. Returns (cfg, the vocabulary size as given, the fine-tune's source or None)."""
         given_vocab = cfg.model.vocab_size
+        precision.decide()  # before anything is traced: auto's measurement runs real products
         cfg = start.resolve(cfg)
         if cfg.train.wandb:
             wandb_log.check_installed(cfg.train.wandb)
@@ -237,10 +238,10 @@ class Trainer:
         peak = peak_flops(self.devices[0])
         self.flops_per_step = flops_per_token(cfg.model, self.n_params) * self.tokens_per_step
         self.peak = peak * len(self.devices) if peak else None
-        compute, why = (auto_dtype() if cfg.model.dtype == "auto" else (cfg.model.dtype, "as set"))
+        compute = precision.explain(cfg.model.dtype)
         self.log(f"model: {self.n_params / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_head} "
                  f"heads, width {cfg.model.n_embd}, context {cfg.model.block_size}, {self.tok.name} vocabulary "
-                 f"{cfg.model.vocab_size}; {compute} compute ({'auto: ' if cfg.model.dtype == 'auto' else ''}{why})")
+                 f"{cfg.model.vocab_size}; {compute.dtype} compute ({compute.why})")
         data, model = self.mesh_shape
         mesh = f", mesh data {data} x model {model}" if model > 1 else ""
         self.log(f"train: {t.max_steps} steps of {self.tokens_per_step:,} tokens on {describe(self.devices)} "

@@ -25,8 +25,8 @@ import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 
-from gptjax.eval.score import Scorer
-from gptjax.eval.text import check_stride, sliding_windows
+from gptjax.eval.score import Scorer, sliding_windows
+from gptjax.eval.text import check_stride
 from gptjax.pretrained import load
 
 DEFAULT_BATCH = 8

@@ -4,8 +4,9 @@ it in the window) and whether the target was the model's first choice.
 Windows go through in batches of one shape, so a run compiles once per shape: text scoring uses
 full context windows only; task requests (a context and a continuation, mostly far shorter than the
 context) are sorted by length and padded to a power of two, a handful of shapes. The output layer
-is applied a chunk of positions at a time (`lax.map`), so the batch's float32 logits over the
-vocabulary never exist at once; the arithmetic is the model's own (`wte.attend` on `ln_f`).
+is applied a chunk of positions at a time, so the batch's float32 logits over the vocabulary never
+exist at once. The arithmetic is the model's own scorer (GPT.token_logprobs, through its output
+layer), the one that training's validation loss uses too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -26,28 +26,7 @@ LOGITS_CHUNK = 2048  # positions whose logits exist at once
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk"))
 def _score(params, x_BT, y_BT, *, graphdef, chunk: int):
-    model = nnx.merge(graphdef, params)
-    V = model.cfg.vocab_size
-    h_BTD = model.ln_f(model.features(x_BT))
-    B, T, D = h_BTD.shape
-    t = max(1, min(T, chunk // B))
-    C = -(-T // t)
-    pad = C * t - T
-    h_BTD, y_BT = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))), jnp.pad(y_BT, ((0, 0), (0, pad)))
-    h_CBtD = jnp.moveaxis(h_BTD.reshape(B, C, t, D), 1, 0)
-    y_CBt = jnp.moveaxis(y_BT.reshape(B, C, t), 1, 0)
-
-    def one_chunk(args):
-        h_BtD, y_Bt = args
-        logits_BtV = model.wte.attend(h_BtD).astype(jnp.float32)[..., :V]  # padded ids are never predicted
-        top_Bt = jnp.max(logits_BtV, axis=-1)  # the log-sum-exp's shift, and the greedy test: one pass, not two
-        target_Bt = jnp.take_along_axis(logits_BtV, y_Bt[..., None], axis=-1)[..., 0]
-        logz_Bt = top_Bt + jnp.log(jnp.sum(jnp.exp(logits_BtV - top_Bt[..., None]), axis=-1))
-        return target_Bt - logz_Bt, target_Bt >= top_Bt
-
-    logp_CBt, greedy_CBt = jax.lax.map(one_chunk, (h_CBtD, y_CBt))
-    unchunk = lambda a: jnp.moveaxis(a, 0, 1).reshape(B, C * t)[:, :T]  # noqa: E731
-    return unchunk(logp_CBt), unchunk(greedy_CBt)
+    return nnx.merge(graphdef, params).token_logprobs(x_BT, y_BT, chunk=chunk)
 
 
 class Window(NamedTuple):
@@ -58,6 +37,23 @@ class Window(NamedTuple):
     y: np.ndarray
     first: int
     end: int
+
+
+def sliding_windows(chunks: Iterable[np.ndarray], T: int, stride: int, tag=None) -> Iterator[Window]:
+    """Windows of T inputs over the concatenation of `chunks`, starting every `stride` tokens (1 ≤ stride ≤ T);
+    the last one is shorter. Token 0 is only context; every later token is one window's target, once."""
+    buf = np.zeros(0, np.int32)
+    begin = 0  # the stream index of buf[0], the next window's first input
+    scored = 0  # targets up to this stream index are done
+    for chunk in chunks:
+        buf = np.concatenate([buf, np.asarray(chunk, np.int32)])
+        while len(buf) >= T + 1:
+            yield Window(tag, buf[:T], buf[1:T + 1], scored - begin, T)
+            scored = begin + T
+            begin, buf = begin + stride, buf[stride:]
+    n = len(buf) - 1
+    if begin + n > scored:
+        yield Window(tag, buf[:n], buf[1:], scored - begin, n)
 
 
 class Scored(NamedTuple):

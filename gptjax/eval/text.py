@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -24,24 +24,7 @@ import numpy as np
 from gptjax.data.sources import Problems, Reader
 from gptjax.data.workers import encode_chunk
 from gptjax.errors import UserError
-from gptjax.eval.score import Scorer, Window
-
-
-def sliding_windows(chunks: Iterable[np.ndarray], T: int, stride: int, tag=None) -> Iterator[Window]:
-    """Windows of T inputs over the concatenation of `chunks`, starting every `stride` tokens (1 ≤ stride ≤ T);
-    the last one is shorter. Token 0 is only context; every later token is one window's target, once."""
-    buf = np.zeros(0, np.int32)
-    begin = 0  # the stream index of buf[0], the next window's first input
-    scored = 0  # targets up to this stream index are done
-    for chunk in chunks:
-        buf = np.concatenate([buf, np.asarray(chunk, np.int32)])
-        while len(buf) >= T + 1:
-            yield Window(tag, buf[:T], buf[1:T + 1], scored - begin, T)
-            scored = begin + T
-            begin, buf = begin + stride, buf[stride:]
-    n = len(buf) - 1
-    if begin + n > scored:
-        yield Window(tag, buf[:n], buf[1:], scored - begin, n)
+from gptjax.eval.score import Scorer, sliding_windows
 
 
 @dataclass
