@@ -1,0 +1,82 @@
+"""What `--model.dtype=auto` stands for, on every branch of the decision, on whatever CPU runs the suite:
+the decision's inputs (the backend, the CPU's flags, the measured speed-up) are injected through
+GPTJAX_HARDWARE, and each branch runs a short train.py, a resume, sample.py and gptjax.load."""
+
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from conftest import ARGS, JAX_CACHE_ENV, ROOT, start
+from gptjax import precision
+from gptjax.config import ModelConfig
+from gptjax.errors import UserError
+from gptjax.model import GPT
+
+# (GPTJAX_HARDWARE, what auto must choose, words of the reason the run's header gives)
+BRANCHES = {
+    "no-units": ("backend=cpu,flags=avx2 fma", "float32", "this CPU has no bfloat16 matrix units"),
+    "units-no-speedup": ("backend=cpu,flags=avx512_bf16,speedup=1.1", "float32",
+                         "this CPU has avx512_bf16, but bfloat16 products given only 1.1x"),
+    "units-and-speedup": ("backend=cpu,flags=amx_bf16 avx512_bf16,speedup=2.5", "bfloat16",
+                          "this CPU's amx_bf16/avx512_bf16: bfloat16 products given 2.5x"),
+    "accelerator": ("backend=gpu", "bfloat16", "gpu with bfloat16 matrix units"),
+}
+
+
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_each_branch_decides_as_documented(branch, monkeypatch):
+    value, dtype, why = BRANCHES[branch]
+    monkeypatch.setenv(precision.HARDWARE_ENV, value)
+    decision = precision.decide()
+    assert decision.dtype == dtype and why in decision.why and precision.HARDWARE_ENV in decision.why
+    assert precision.resolve("auto") == dtype and precision.resolve("float32") == "float32"
+    assert precision.explain("auto") == (dtype, f"auto: {decision.why}")
+    assert precision.explain("bfloat16") == ("bfloat16", "as set")
+
+
+def test_a_model_built_inside_a_trace_takes_the_decision(monkeypatch):
+    """The decision may be asked for first while a model is being traced (nnx.eval_shape): it must not
+    try to time a product on tracers there, which crashed train.py on every CPU with bf16 units."""
+    monkeypatch.setenv(precision.HARDWARE_ENV, "backend=cpu,flags=amx_bf16")  # the speed-up is measured
+    precision._decide.cache_clear()
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64, dtype="auto")
+    model = nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0)))
+    assert model.wte.dtype == jnp.dtype(precision.decide().dtype)
+    assert "measured" in precision.decide().why
+
+
+def test_a_wrong_injection_is_refused_with_the_accepted_form(monkeypatch):
+    for value in ("backend", "speed=2", "speedup=fast"):
+        monkeypatch.setenv(precision.HARDWARE_ENV, value)
+        with pytest.raises(UserError, match="GPTJAX_HARDWARE"):
+            precision.decide()
+
+
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_train_resume_sample_and_load_on_each_branch(branch, corpus, tmp_path, monkeypatch):
+    value, dtype, why = BRANCHES[branch]
+    env = {precision.HARDWARE_ENV: value}
+    out = tmp_path / "run"
+    short = [a for a in ARGS if not a.startswith("--train.max_steps")]
+    first = start(out, corpus, "--train.max_steps=4", args=short, env=env)
+    log, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, log
+    assert f"{dtype} compute (auto: {why}" in log, log
+    resumed = start(out, corpus, "--train.max_steps=6", "--train.resume=true", args=short, env=env)
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and "resume: continuing from step 4" in log and f"{dtype} compute" in log, log
+    sample = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={out}", "--prompt=def ",
+                             "--max_new_tokens=8", "--temperature=0"], capture_output=True, text=True, cwd=tmp_path,
+                            env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", **JAX_CACHE_ENV, **env},
+                            timeout=300)
+    assert sample.returncode == 0 and sample.stdout.startswith("def "), sample.stderr
+    monkeypatch.setenv(precision.HARDWARE_ENV, value)
+    import gptjax
+
+    m = gptjax.load(out)
+    assert m.dtype == dtype and f"{dtype} compute" in repr(m) and m.step == 6
+    assert m.params["wte"]["embedding"].dtype == jnp.float32  # parameters stay float32 in either
+    assert m.perplexity("def f(x):\n    return x") > 1
