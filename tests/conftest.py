@@ -67,7 +67,8 @@ def tiny_config(out_dir, corpus, **train) -> Config:
     """A model small enough to compile and train in seconds."""
     return Config(
         out_dir=str(out_dir),
-        model=ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32),
+        # float32: the tests compare figures to float32 rounding (auto's branches: tests/test_precision.py)
+        model=ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, dtype="float32"),
         data=DataConfig(corpus=str(corpus), tokenizer="byte", val_fraction=0.1),
         train=dataclasses.replace(
             TrainConfig(batch_size=8, max_steps=12, lr=3e-3, warmup_steps=2, eval_interval=6,
@@ -94,7 +95,7 @@ def task_run(tmp_path_factory) -> SimpleNamespace:
 # ----------------------------------------------------------------------------- train.py as a real process
 
 STEPS = 12  # enough for kills, stops and resumes at several points (24 cost twice the time, checked no more)
-ARGS = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
+ARGS = ["--model.dtype=float32", "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
         "--data.tokenizer=byte", "--data.val_fraction=0.1", "--train.batch_size=8", "--train.eval_batches=2",
         "--train.warmup_steps=2", "--train.lr=3e-3", f"--train.max_steps={STEPS}", "--train.eval_interval=8",
         "--train.ckpt_interval=1", "--train.log_interval=1", "--train.sample_tokens=0"]

@@ -155,7 +155,7 @@ def test_hf_round_trip_is_bit_exact(tmp_path):
 
 
 def test_gptjax_round_trip_through_transformers(tmp_path):
-    cfg = ModelConfig(n_layer=2, n_head=3, n_embd=24, block_size=20, vocab_size=100)  # padded to 128
+    cfg = ModelConfig(n_layer=2, n_head=3, n_embd=24, block_size=20, vocab_size=100, dtype="float32")  # padded to 128
     config = Config(model=cfg, data=DataConfig(tokenizer="gpt2"))
     rng = np.random.default_rng(3)  # every tensor random, the padded embedding rows too
     params = unflatten(hf.abstract_params(cfg),
@@ -182,7 +182,7 @@ def test_gptjax_round_trip_through_transformers(tmp_path):
 
 def test_export_without_biases_and_with_sincos_positions(tmp_path):
     """HF's GPT-2 always has biases and a learned position table: zeros and the sine/cosine table do the same."""
-    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=10, vocab_size=70, bias=False, pos_encoding="sincos")
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=10, vocab_size=70, bias=False, pos_encoding="sincos", dtype="float32")
     rng = np.random.default_rng(4)
     params = unflatten(hf.abstract_params(cfg),
                        {k: rng.normal(0, 0.3, s).astype(np.float32) for k, s in hf.param_shapes(cfg).items()})

@@ -19,7 +19,7 @@ from gptjax.step import make_train_step
 
 
 def split_model(**kw):
-    cfg = ModelConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 100, **kw})
+    cfg = ModelConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 100, "dtype": "float32", **kw})
     return nnx.split(GPT(cfg, nnx.Rngs(0)))
 
 

@@ -12,7 +12,7 @@ from gptjax.model import GPT
 
 
 def small(pos="learned"):
-    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=100, pos_encoding=pos)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=100, pos_encoding=pos, dtype="float32")
     graphdef, params = nnx.split(GPT(cfg, nnx.Rngs(3)), nnx.Param)
     return graphdef, nnx.to_pure_dict(params), cfg
 

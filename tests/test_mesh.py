@@ -37,7 +37,7 @@ def strategy(model_cfg, mesh, kind=Fsdp):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_blocks_split_by_heads_and_width_over_model_and_the_rest_over_data(scan):
-    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=64, scan_layers=scan)
+    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=64, scan_layers=scan, dtype="float32")
     fsdp, params = strategy(cfg, "data:2,model:2")
     specs = jax.tree.map(lambda s: s.spec, fsdp.shardings(params))
     block = specs["h"] if scan else specs["h"][0]
@@ -55,7 +55,7 @@ def test_blocks_split_by_heads_and_width_over_model_and_the_rest_over_data(scan)
 
 
 def test_a_model_axis_that_does_not_divide_the_heads_is_named_and_pmap_refuses_one():
-    cfg = ModelConfig(n_layer=1, n_head=3, n_embd=18, block_size=16, vocab_size=64)  # c_attn: 3 x 18 = 54 wide
+    cfg = ModelConfig(n_layer=1, n_head=3, n_embd=18, block_size=16, vocab_size=64, dtype="float32")  # c_attn: 3 x 18 = 54 wide
     fsdp, params = strategy(cfg, "model:4")
     with pytest.raises(UserError, match="h/0/attn/c_attn/(bias|kernel) has 54 there"):
         fsdp.shardings(params)

@@ -15,7 +15,7 @@ def build(**kw):
     """A small model; an untied output layer gets random weights (it starts at zero, which would make
     every logit and gradient comparison trivial). Created by compiled code: run op by op, every new
     shape costs each of its hundreds of operations a compilation of its own (seconds per model)."""
-    cfg = ModelConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 100, **kw})
+    cfg = ModelConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 100, "dtype": "float32", **kw})
 
     @nnx.jit
     def create():
@@ -149,7 +149,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 
 
 def test_modern_options_shapes_and_names():
-    model = GPT(ModelConfig(n_layer=2, n_embd=32, block_size=16, vocab_size=100, **MODERN), nnx.Rngs(0))
+    model = GPT(ModelConfig(n_layer=2, n_embd=32, block_size=16, vocab_size=100, dtype="float32", **MODERN), nnx.Rngs(0))
     p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     names = set(flatten(p))
     D, N, K, H, F = 32, 4, 2, 8, 128  # SwiGLU: 8/3 of 4 x 32, rounded up to 64s

@@ -18,7 +18,7 @@ T = 32
 
 def byte_model(pos="learned") -> Pretrained:
     """An untrained character-level model: its samples are often not UTF-8, which streaming must survive."""
-    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=T, vocab_size=257, pos_encoding=pos)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=T, vocab_size=257, pos_encoding=pos, dtype="float32")
     graphdef, params = nnx.split(GPT(cfg, nnx.Rngs(1)), nnx.Param)
     return Pretrained(Config(model=cfg, data=DataConfig(tokenizer="byte")), graphdef, nnx.to_pure_dict(params), 0,
                       Path("."))

@@ -23,7 +23,7 @@ def quiet(_):
 
 
 def test_tiny_model_overfits_one_batch():
-    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=257)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=257, dtype="float32")
     graphdef, params = nnx.split(GPT(cfg, nnx.Rngs(0)), nnx.Param)
     tx = make_optimizer(TrainConfig(lr=1e-2, min_lr=1e-2, warmup_steps=0, max_steps=300, weight_decay=0.0))
     step = jax.jit(make_train_step(graphdef, tx, 0.0))
@@ -66,7 +66,7 @@ def test_pmap_on_four_devices_matches_one_device(corpus, tmp_path):
 
 
 def test_gradient_accumulation_matches_a_larger_batch(corpus, tmp_path):
-    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=257)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=257, dtype="float32")
     graphdef, params = nnx.split(GPT(cfg, nnx.Rngs(0)), nnx.Param)
     tx = make_optimizer(TrainConfig())
     step = jax.jit(make_train_step(graphdef, tx, 0.0))
