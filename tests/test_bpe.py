@@ -1,4 +1,4 @@
-"""A tokenizer learned from the corpus: learned from the training documents only, resumable with the shards,
+"""A tokenizer learned from the corpus: learned from training text only, resumable with the shards,
 carried by every checkpoint, and kept by a fine-tune on another corpus."""
 
 import dataclasses
@@ -41,13 +41,20 @@ def test_learned_ranks_are_deterministic_and_round_trip(corpus):
 def test_the_tokenizer_never_sees_validation_documents(tmp_path):
     corpus = make_corpus(tmp_path / "c", n_docs=20)
     (corpus / "doc009.py").write_text("qqqwww " * 400)  # the tenth of 20 documents: validation at 0.1
+    logs = []
     ds = data.prepare(DataConfig(corpus=str(corpus), tokenizer="bpe", bpe_vocab=600, val_fraction=0.1),
-                      tmp_path / "d", log=quiet)
+                      tmp_path / "d", log=logs.append)
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     assert meta["tokenizer"] == "bpe" and meta["tokenizer_file"] == "tokenizer.tiktoken"
+    assert meta["split"] == "documents" and meta["val_documents"] == 2 and "val_cut" not in meta
     assert ds.tokenizer.vocab_size == meta["vocab_size"] <= 601
     assert not any(b"qq" in token for token in ds.tokenizer.encoding._mergeable_ranks)
     assert b" return" in ds.tokenizer.encoding._mergeable_ranks  # what the training documents are made of
+    val_text = bytes(b for t in ds.val.to_numpy().tolist() if t != ds.tokenizer.eot_id
+                     for b in ds.tokenizer.encoding.decode_single_token_bytes(t)).decode()
+    assert val_text == (corpus / "doc009.py").read_text() + (corpus / "doc019.py").read_text()
+    learned = next(m for m in logs if "learned a bpe" in m)
+    assert "of training text (validation, 10% of the documents, left out)" in learned, learned
 
 
 def test_a_stopped_bpe_preparation_resumes_with_the_same_tokenizer(tmp_path, monkeypatch):

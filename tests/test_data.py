@@ -92,15 +92,17 @@ def test_a_separate_validation_corpus(corpus, tmp_path):
         data.prepare(DataConfig(corpus=str(corpus), val_corpus=str(tmp_path / "nope")), tmp_path / "e", log=quiet)
 
 
-def test_one_document_holds_out_its_last_tokens(tmp_path):
+def test_one_document_holds_out_the_text_after_a_cut_near_its_end(tmp_path):
     f = tmp_path / "one.txt"
     f.write_text("".join(f"line {i}\n" for i in range(1000)))
     ds = data.prepare(DataConfig(corpus=str(f), tokenizer="byte", val_fraction=0.1), tmp_path / "d", log=quiet)
-    whole = f.read_bytes() + bytes([0])  # 0 stands for end-of-text below
-    tokens = np.concatenate([ds.train.to_numpy(), ds.val.to_numpy()])
-    assert bytes(np.where(tokens == 256, 0, tokens).astype(np.uint8)) == whole
-    assert ds.val.size == round(len(whole) * 0.1) and ds.meta["split"] == "tail"
-    assert ds.meta["train_bytes"] + ds.meta["val_bytes"] == len(whole) - 1
+    text, cut = f.read_bytes(), ds.meta["val_cut"]
+    as_bytes = lambda tokens: bytes(np.where(tokens == 256, 0, tokens).astype(np.uint8))  # noqa: E731  0: end-of-text
+    assert ds.meta["split"] == "tail" and text[cut - 1:cut + 5] == b"\nline "  # after a newline, between lines
+    assert as_bytes(ds.train.to_numpy()) == text[:cut] + b"\0" and as_bytes(ds.val.to_numpy()) == text[cut:] + b"\0"
+    assert 0 <= len(text) * 0.1 - len(text[cut:]) < len("line 999\n")  # the first line that starts in the last 10%
+    assert (ds.meta["train_bytes"], ds.meta["val_bytes"]) == (cut, len(text) - cut)
+    assert (ds.meta["documents"], ds.meta["val_documents"]) == (1, 1)
 
 
 def test_undecodable_bytes_are_replaced_and_counted(tmp_path):

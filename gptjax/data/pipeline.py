@@ -5,11 +5,10 @@ about `CHUNK_CHARS` characters; worker processes tokenize the chunks (workers.To
 results are appended in order to train.bin.partial and val.bin.partial. Memory holds a few chunks
 per worker, whatever the size of the corpus, and the output does not depend on the worker count.
 
-Split by document: with --data.val_corpus, its documents are the validation split. Otherwise
-document i goes to validation when floor((i + 1) f) > floor(i f), f = --data.val_fraction: an
-exact share, spread evenly through the corpus and decided before the document is read, so no
-validation window overlaps training text. A corpus with too few documents for that (one large
-file, say) has the last share of its tokens moved to validation instead.
+The split is planned before a tokenizer learns (documents.plan): whole documents (of
+--data.val_corpus, or every k-th for --data.val_fraction), or for a corpus of too few documents
+(one large file, say) the text after a cut near its end, made where the pre-tokenizer always
+breaks. A learned tokenizer sees training text only.
 
 Resumable: every two seconds or so the partial files are flushed to disk and progress.json records
 their lengths, the reader's position and the counts so far. A preparation stopped at any moment
@@ -45,7 +44,8 @@ from gptjax.tokenizer import Tokenizer, bpe_tokenizer, get_tokenizer, learn_bpe,
 CHUNK_CHARS = 1 << 20  # characters of text per chunk of work
 COMMIT_SECONDS = 2.0
 JOURNAL = "progress.json"
-BPE_SAMPLE_CHARS = 64 << 20  # at most this much of the training documents teaches a bpe tokenizer
+JOURNAL_VERSION = 2  # what a journal records; one of another version is not resumed
+BPE_SAMPLE_CHARS = 64 << 20  # at most this much of the training text teaches a bpe tokenizer
 
 
 def _fingerprint(cfg: DataConfig, files: list[Path], val_files: list[Path], given: Tokenizer | None = None) -> str:
@@ -121,7 +121,8 @@ class _Preparation:
                  piece_chars: int, max_piece_chars: int, chunk_chars: int, given: Tokenizer | None = None):
         self.cfg, self.folder, self.log, self.given = cfg, folder, log, given
         self.files, self.val_files = files, val_files
-        self.layout = {"fingerprint": fingerprint, "piece_chars": piece_chars, "max_piece_chars": max_piece_chars}
+        self.layout = {"fingerprint": fingerprint, "piece_chars": piece_chars, "max_piece_chars": max_piece_chars,
+                       "journal": JOURNAL_VERSION}
         self.chunk_chars = chunk_chars
         self.partial = {s: folder / f"{s}.bin.partial" for s in SPLITS}
         self.tokenizer_partial = folder / (TOKENIZER_FILE + ".partial")
@@ -135,8 +136,8 @@ class _Preparation:
         self.worker_peak = 0
 
     def _tokenizer(self) -> Tokenizer:
-        """The named tokenizer, or a bpe learned from the training documents (kept beside the partial
-        shards, so that a resumed preparation goes on with the same one)."""
+        """The named tokenizer, or a bpe learned from the training text (kept beside the partial shards,
+        so that a resumed preparation goes on with the same one)."""
         cfg = self.cfg
         if cfg.tokenizer != "bpe":
             return get_tokenizer(cfg.tokenizer)
@@ -149,20 +150,28 @@ class _Preparation:
             if path.is_file():
                 return bpe_tokenizer(path.read_text())
         started = time.time()
-        texts = documents.TrainingTexts(self.files, cfg, bool(self.val_files), BPE_SAMPLE_CHARS)
+        texts = documents.TrainingTexts(self.files, cfg, self.state, BPE_SAMPLE_CHARS, self.layout["piece_chars"],
+                                        self.layout["max_piece_chars"])
         ranks_text = ranks_to_text(learn_bpe(texts, cfg.bpe_vocab))
         durable.write_text(self.tokenizer_partial, ranks_text)
         tok = bpe_tokenizer(ranks_text)
-        self.log(f"data: learned a bpe tokenizer of {tok.vocab_size:,} tokens from {texts.chars / 1e6:,.1f} MB of the "
-                 f"training documents in {time.time() - started:.1f} s")
+        self.log(f"data: learned a bpe tokenizer of {tok.vocab_size:,} tokens from {disk.fmt_bytes(texts.chars)} of "
+                 f"training text ({texts.left_out()}) in {time.time() - started:.1f} s")
         return tok
 
     def _resume_state(self) -> dict:
-        fresh = {"next": [0, 0, 0], "documents": 0, "val_documents": 0, "problems": {}, "train_tokens": 0,
-                 "val_tokens": 0, "train_bytes": 0, "val_bytes": 0, "input_done": False, "complete": False}
         saved = self.cut_back()
         if saved is None:
-            return fresh
+            started = time.time()
+            split = documents.plan(self.files, self.cfg, bool(self.val_files), self.layout["piece_chars"],
+                                   self.layout["max_piece_chars"])
+            if split["split"] == "tail":
+                self.log(f"data: too few documents to hold whole ones out: validation is the text after a cut "
+                         f"near character {split['val_from']:,} of {split['text_chars']:,} (counted in "
+                         f"{time.time() - started:.1f} s)")
+            return {"next": [0, 0, 0], "documents": 0, "val_documents": 0, "chars": 0, "val_cut": None,
+                    "problems": {}, "train_tokens": 0, "val_tokens": 0, "train_bytes": 0, "val_bytes": 0,
+                    "input_done": False, "complete": False, **split}
         if saved["next"] != [0, 0, 0]:
             done = saved["train_tokens"] + saved["val_tokens"]
             self.log(f"data: resuming the preparation of {self.folder} ({done:,} tokens were written)")
@@ -211,8 +220,6 @@ class _Preparation:
             return self._finish()
         if not self.state["input_done"]:
             self._tokenize(workers)
-        if not self.state["val_tokens"] and not self.val_files:
-            self._move_tail_to_val()
         self._check_usable()
         self.state["complete"] = True
         durable.write_json(self.journal_path, {**self.state, "layout": self.layout})
@@ -268,44 +275,6 @@ class _Preparation:
         progress.close()
         self.elapsed, self.text_bytes = time.time() - started, text_bytes
 
-    def _move_tail_to_val(self) -> None:
-        """Too few documents to hold some out: the last val_fraction of the tokens is validation."""
-        state, itemsize = self.state, self.dtype.itemsize
-        n = state["train_tokens"]
-        k = int(round(n * self.cfg.val_fraction))
-        if n < 2 or k < 1:
-            return
-        lengths = self._token_bytes()
-        moved_bytes = 0
-        with open(self.partial["train"], "rb") as src, open(self.partial["val"], "wb") as dst:
-            src.seek((n - k) * itemsize)
-            left = k
-            while left:
-                block = np.frombuffer(src.read(min(left, 1 << 22) * itemsize), dtype=self.dtype)
-                dst.write(block.tobytes())
-                moved_bytes += int(lengths[block].sum())
-                left -= len(block)
-            dst.flush()
-            os.fsync(dst.fileno())
-        eots = self._count(self.partial["val"], self.tok.eot_id)
-        state.update(train_tokens=n - k, val_tokens=k, train_bytes=state["train_bytes"] - moved_bytes,
-                     val_bytes=moved_bytes, split="tail", val_documents=eots)
-        durable.write_json(self.journal_path, {**state, "layout": self.layout})  # recorded first: a repeat stays exact
-        with open(self.partial["train"], "r+b") as f:
-            f.truncate((n - k) * itemsize)
-
-    def _token_bytes(self) -> np.ndarray:
-        enc = self.tok.encoding
-        lengths = np.zeros(self.tok.vocab_size, np.int64)
-        for t in range(self.tok.vocab_size):
-            if t != self.tok.eot_id:
-                lengths[t] = len(enc.decode_single_token_bytes(t))
-        return lengths
-
-    def _count(self, path: Path, token: int) -> int:
-        tokens = np.memmap(path, dtype=self.dtype, mode="r") if path.stat().st_size else np.zeros(0, self.dtype)
-        return int(sum(int((tokens[i:i + (1 << 24)] == token).sum()) for i in range(0, len(tokens), 1 << 24)))
-
     def _check_usable(self) -> None:
         state, cfg = self.state, self.cfg
         problems = Problems(state["problems"]).lines()
@@ -332,7 +301,7 @@ class _Preparation:
             "dtype": self.dtype.name, "source": _source(cfg.corpus), "val_source": cfg.val_corpus,
             "text_field": cfg.text_field, "files": len(self.files), "val_files": len(self.val_files),
             "documents": state["documents"], "val_documents": state["val_documents"],
-            "split": state.get("split", "val_corpus" if self.val_files else "documents"),
+            "split": state["split"], **({"val_cut": state["val_cut"]} if state["split"] == "tail" else {}),
             "val_fraction": cfg.val_fraction,
             **{k: state[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes")},
             "problems": state["problems"], "fingerprint": self.layout["fingerprint"],
@@ -369,7 +338,10 @@ def prepare(cfg: DataConfig, data_dir: str | Path, log=print, shared: bool = Fal
         meta = read_meta(folder)
         if not meta:
             return None
-        if meta.get("fingerprint") == fingerprint:
+        # shards whose validation tail was split off the tokens, after a tokenizer had learned from it, are
+        # made again: their validation figure is not one on unseen text
+        old_tail = meta.get("split") == "tail" and "val_cut" not in meta
+        if meta.get("fingerprint") == fingerprint and not old_tail:
             log(f"data: reusing {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens in {folder}")
             return open_folder(folder, meta)
         if shared and meta.get("tokenizer") != cfg.tokenizer:
@@ -380,7 +352,8 @@ def prepare(cfg: DataConfig, data_dir: str | Path, log=print, shared: bool = Fal
             raise UserError(f"{folder} holds token shards of another corpus ({meta.get('source')}). Give another "
                             "--data.dir, or leave --data.corpus empty to train on those shards as they are; the "
                             "shards were left as they are.")
-        why = "tokenizer changed" if meta.get("tokenizer") != cfg.tokenizer else "corpus or settings changed"
+        why = ("tokenizer changed" if meta.get("tokenizer") != cfg.tokenizer else "corpus or settings changed"
+               if meta.get("fingerprint") != fingerprint else "validation is now cut from the text before tokenizing")
         log(f"data: {why} since {folder} was prepared; tokenizing again")
         return None
 
@@ -424,7 +397,8 @@ def _report(meta: dict, folder: Path, job: _Preparation, workers: int, log) -> N
     took = getattr(job, "elapsed", None)
     speed = (f" in {fmt_time(took)} ({job.text_bytes / max(took, 1e-9) / 1e6:.1f} MB/s, {workers} worker"
              f"{'s' if workers > 1 else ''})" if took is not None else "")
-    split = {"tail": " (too few documents to hold some out: the last tokens are validation)",
+    split = {"tail": f" (too few documents to hold whole ones out: validation is the text's last "
+                     f"{disk.fmt_bytes(meta['val_bytes'])}, cut off before tokenizing)",
              "val_corpus": " (validation from --data.val_corpus)"}.get(meta["split"], "")
     log(f"data: {meta['documents']:,} documents, {text_mb:,.1f} MB of text from {meta['files'] + meta['val_files']:,} "
         f"file(s) → {meta['train_tokens']:,} train / {meta['val_tokens']:,} val {meta['tokenizer']} tokens in "
