@@ -7,14 +7,18 @@ tokenizer name and the data fingerprint. Orbax writes each step into a temporary
 and renames it when complete, so a crash mid-save never hides the last good checkpoint.
 
 A step folder, once it has its name, is complete and never changes; it can only disappear,
-when the run's retention deletes it. Readers need no lock: a read that fails is reported
-as "vanished" when the folder is gone and as "corrupt" only when it is still there.
+when the run's retention deletes it. Readers need no lock. A read that fails is told by what is
+on disk: "vanished" when the folder is gone, "incomplete" when a piece of it is, "corrupt" only
+when a file is there and cannot be decoded, "does not match this model" when the files are intact
+but hold other shapes; any other error is the call's own (orbax refusing a relative path, say)
+and is raised as it is.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
-from gptjax import disk
+from gptjax import checkpoint_faults, disk, paths
 from gptjax.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -95,9 +99,13 @@ class _WriteFailureReported(logging.Filter):
 _log_filter = _WriteFailureReported()
 
 
-def _step_error(ckpt_dir: Path, step: int, error: Exception) -> UserError:
-    """A read of `step` failed: vanished if its folder is gone, corrupt if it is still there."""
-    path = ckpt_dir / str(step)
+def _step_error(ckpt_dir: Path, step: int, error: Exception, items: dict) -> Exception:
+    """What a failed read of `step` means, from what is on disk: vanished (the folder is gone), incomplete
+    (a piece is missing), corrupt (a file is there but cannot be decoded), another model's (intact, other
+    shapes), or a disk that failed. Anything else is not known to be about the files: `error` itself is
+    returned, with a note naming the checkpoint, for the caller to re-raise with its traceback."""
+    path = ckpt_dir / str(step)  # as the user gave it, for the messages
+    step_dir = paths.absolute(path)
     steps = list_steps(ckpt_dir)
     if path.exists() and any(s > step for s in steps):
         # a newer checkpoint exists, so retention may be deleting this one right now: let it finish
@@ -112,20 +120,42 @@ def _step_error(ckpt_dir: Path, step: int, error: Exception) -> UserError:
                                   "the retention of a run that is still training there (--train.keep_checkpoints). "
                                   f"Nothing is wrong with the run; read the newest checkpoint instead (no --step, or "
                                   f"gptjax.load without step), which is never deleted.{now}")
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     hint = (f" Other checkpoints here: steps {others}; choose one with --step (sample.py, gptjax.load) or move this "
             "one aside to resume from the one before." if others else "")
-    return UserError(f"checkpoint {path} cannot be read: it is corrupt or does not match this model "
-                     f"({first_line}).{hint}")
+    found = checkpoint_faults.diagnose(step_dir, error, items)
+    if found is None:
+        error.add_note(f"gptjax was reading checkpoint {path} when this was raised. The files it needs are there "
+                       "and none is known to be damaged: this is most likely a bug in gptjax or in how it calls "
+                       "orbax-checkpoint, not a problem of the checkpoint.")
+        return error
+    kind, what = found
+    return UserError({
+        "weights_only": f"checkpoint {path} holds parameters but no optimizer state (as the step 0 that python -m "
+                        "gptjax.convert writes), so a run cannot resume from it. Fine-tune from it instead: "
+                        f"--train.init_from={ckpt_dir.parent} with a new --out_dir.",
+        "incomplete": f"checkpoint {path} cannot be read: it is incomplete, {what}. A step folder is whole once it "
+                      f"has its name, so part of it was deleted or not copied.{hint}",
+        "corrupt": f"checkpoint {path} cannot be read: it is corrupt, {what}.{hint}",
+        "unreadable": f"checkpoint {path} cannot be read: {what}; check the permissions of its files.",
+        "disk": f"checkpoint {path} cannot be read: the disk failed ({what}); its files may well be intact. Check "
+                "that disk (`dmesg` may say more), then try again.",
+        "mismatch": f"checkpoint {path} does not match this model: its files are intact, but they hold arrays of "
+                    f"another model ({what}). Read it into the model it was trained as: its own config "
+                    "(gptjax.load), or resume it with the settings it was trained with.",
+    }[kind])
 
 
 def _restore(ckpt_dir: Path, step: int, **items):
     """Read the given items of one step, without scanning (or waiting on) the other steps."""
+    ckpt_dir = paths.expand(ckpt_dir)  # relative stays relative, for the messages; orbax gets it absolute
     try:
         reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-        return reader.restore(ckpt_dir / str(step), args=ocp.args.Composite(**items))
-    except Exception as e:  # orbax and tensorstore raise many kinds; all mean "unusable" or "gone"
-        raise _step_error(ckpt_dir, step, e) from None
+        return reader.restore(paths.absolute(ckpt_dir) / str(step), args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax and tensorstore raise many kinds: _step_error tells them apart by the files
+        reported = _step_error(ckpt_dir, step, e, items)
+        if reported is e:
+            raise
+        raise reported from None
 
 
 def read_meta(ckpt_dir: Path, step: int) -> dict:
@@ -150,7 +180,7 @@ class Checkpointer:
     def __init__(self, run_dir: str | Path, keep: int = 3, create: bool = True, then: str = "run the same command "
                  "again"):
         """Keep the `keep` latest checkpoints and, beside them, the one with the lowest validation loss."""
-        self.directory = Path(run_dir).absolute() / CHECKPOINTS
+        self.directory = paths.absolute(run_dir) / CHECKPOINTS  # orbax takes only absolute paths
         self.then = then
         policy = cm.AnyPreservationPolicy([
             cm.LatestN(n=keep),
@@ -186,14 +216,23 @@ class Checkpointer:
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
         except Exception as e:
-            raise self._write_failed(e) from None
+            self._report_write_failure(e)
+            raise
 
     def wait(self) -> None:
         try:
             self.manager.wait_until_finished()
         except Exception as e:
-            raise self._write_failed(e) from None
+            self._report_write_failure(e)
+            raise
         self.in_flight = None
+
+    def _report_write_failure(self, error: Exception) -> None:
+        """Raise the message of a failed write in place of `error`; any other error is left to its caller to
+        re-raise as it is, with its own cause and traceback."""
+        failure = self._write_failed(error)
+        if failure is not error:
+            raise failure from None
 
     def _write_failed(self, error: Exception) -> Exception:
         """A save that the disk refused: remove its partial folder and say what is left; other errors as they are."""
@@ -231,16 +270,20 @@ class Checkpointer:
 
 def find_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, int]:
     """A run directory, its checkpoints/ folder or one step's folder → (run directory, step): the newest
-    complete checkpoint unless `step` says which."""
-    path = Path(path)
+    complete checkpoint unless `step` says which. `path` may be relative or under ~; it stays relative."""
+    path = paths.expand(path)
     if not path.exists():
         raise UserError(f"checkpoint path {path} does not exist. Give a run directory (the --out_dir of train.py).")
-    if path.name.isdigit() and path.parent.name == CHECKPOINTS:
-        if step is not None and step != int(path.name):
-            raise UserError(f"{path} is the checkpoint of step {path.name}, not of step {step}.")
-        step, path = int(path.name), path.parent.parent
-    elif path.name == CHECKPOINTS:
-        path = path.parent
+    full = Path(os.path.abspath(path))  # names the folders above '6' or '../6' too; no link is resolved
+    up = 0
+    if full.name.isdigit() and full.parent.name == CHECKPOINTS:
+        if step is not None and step != int(full.name):
+            raise UserError(f"{path} is the checkpoint of step {full.name}, not of step {step}.")
+        step, up = int(full.name), 2
+    elif full.name == CHECKPOINTS:
+        up = 1
+    if up:  # the run directory as the path spells it (out/run of out/run/checkpoints/6), else absolute
+        path = path.parents[up - 1] if len(path.parts) > up and ".." not in path.parts else full.parents[up - 1]
     ckpt_dir = path / CHECKPOINTS
     steps = list_steps(ckpt_dir)
     if not steps:

@@ -12,7 +12,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from gptjax import disk, weights
+from gptjax import disk, paths, weights
 from gptjax.checkpoint import CHECKPOINTS, Checkpointer
 from gptjax.config import Config
 from gptjax.errors import UserError, cli
@@ -32,7 +32,7 @@ def load_params(path, step: int | None = None) -> tuple[Config, dict]:
 
 def save_run(config: Config, params, out_dir, source: str) -> Path:
     """Write params as step 0 of a run directory, with the meta the trainer writes; no optimizer state."""
-    out = Path(out_dir)
+    out = paths.expand(out_dir)
     if (out / CHECKPOINTS).is_dir() and any(p.name.isdigit() for p in (out / CHECKPOINTS).iterdir()):
         raise UserError(f"{out} already holds checkpoints; choose another output folder. Nothing was changed.")
     config = dataclasses.replace(config, out_dir=str(out))

@@ -42,6 +42,12 @@ def is_write_failure(error: BaseException) -> bool:
     return _errno(error) is not None
 
 
+def storage_failure(error: BaseException) -> str | None:
+    """The system's words for the storage failure behind `error` ("Input/output error", ...), or None."""
+    number = _errno(error)
+    return None if number is None else {**FULL, **FAILED}[number]
+
+
 def free_bytes(path: str | Path) -> int | None:
     """Bytes that an ordinary process can still write on the file system holding `path` (or its nearest
     existing parent)."""

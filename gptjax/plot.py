@@ -13,7 +13,7 @@ import io
 import sys
 from pathlib import Path
 
-from gptjax import disk
+from gptjax import disk, paths
 from gptjax.errors import UserError, cli
 from gptjax.metrics import read_records
 
@@ -95,11 +95,11 @@ def main(argv: list[str]) -> None:
             print(__doc__.strip())
             return
         if arg.startswith("--out="):
-            out = Path(arg.split("=", 1)[1])
+            out = paths.expand(arg.split("=", 1)[1])
         elif arg.startswith("--"):
             raise UserError(f"unknown option {arg}; the only option is --out=FILE.png")
         else:
-            runs.append(Path(arg))
+            runs.append(paths.expand(arg))
     if not runs:
         raise UserError("give at least one run directory: python -m gptjax.plot out/run [out/other ...]")
     for run in runs:

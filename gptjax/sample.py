@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from gptjax import disk
+from gptjax import disk, paths
 from gptjax.config import SampleConfig
 from gptjax.options import parse_flat
 from gptjax.errors import UserError, cli
@@ -20,7 +20,7 @@ INTRO = ("Sample continuations of a prompt from a checkpoint. The prompt comes f
 
 
 def _existing(name: str, option: str) -> Path:
-    path = Path(name)
+    path = paths.expand(name)
     if not path.is_file():
         raise UserError(f"{option} {path} does not exist.")
     return path
@@ -100,8 +100,9 @@ def warn_long(model, prompts: list[str]) -> None:
 def main(argv: list[str]) -> None:
     cfg = parse_flat(SampleConfig, argv, prog="sample.py", intro=INTRO)
     prompts = read_prompts(cfg)
-    if cfg.output and not Path(cfg.output).parent.is_dir():
-        raise UserError(f"--output {cfg.output}: the folder {Path(cfg.output).parent} does not exist.")
+    output = paths.expand(cfg.output) if cfg.output else None
+    if output and not output.parent.is_dir():
+        raise UserError(f"--output {cfg.output}: the folder {output.parent} does not exist.")
     stop = parse_stop(cfg.stop)
     model = load(cfg.checkpoint, None if cfg.step < 0 else cfg.step, None if cfg.dtype == "checkpoint" else cfg.dtype)
     warn_long(model, prompts)
@@ -117,14 +118,14 @@ def main(argv: list[str]) -> None:
 
     rows = [p for p in prompts for _ in range(cfg.num_samples)]  # each row draws its own sample
     outs = model.generate(rows, batch_size=cfg.batch_size, **controls)
-    if cfg.output:
+    if output:
         lines = [json.dumps({"prompt": prompt, "completion": text, "sample": i % cfg.num_samples, **controls,
                              "checkpoint": str(model.path), "step": model.step}, ensure_ascii=False) + "\n"
                  for i, (prompt, text) in enumerate(zip(rows, outs))]
-        with disk.writing(cfg.output, "the samples", sum(len(line.encode()) for line in lines)):
-            with open(cfg.output, "w", encoding="utf-8") as f:
+        with disk.writing(output, "the samples", sum(len(line.encode()) for line in lines)):
+            with open(output, "w", encoding="utf-8") as f:
                 f.writelines(lines)
-        print(f"wrote {len(outs)} samples of {len(prompts)} prompts to {cfg.output}")
+        print(f"wrote {len(outs)} samples of {len(prompts)} prompts to {output}")
         return
     for i, (prompt, text) in enumerate(zip(rows, outs)):
         if i:

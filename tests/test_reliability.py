@@ -1,5 +1,6 @@
 """Never lose work: real kills and signals on train.py, non-finite steps, retention, damaged checkpoints."""
 
+import json
 import os
 import re
 import signal
@@ -110,6 +111,133 @@ def test_damaged_checkpoint_is_named_and_others_still_load(corpus, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={tmp_path / 'run'}"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "corrupt" in proc.stderr
+
+
+def test_each_kind_of_damage_is_named_for_what_it_is(tmp_path, monkeypatch):
+    """What orbax raises for each damage, told apart by what is on disk: corrupt only when a file is there and
+    cannot be decoded; a missing piece is incomplete; intact arrays of other shapes belong to another model."""
+    import shutil
+
+    from gptjax import checkpoint
+    from gptjax.checkpoint import read_meta, read_state
+
+    monkeypatch.setattr(checkpoint, "VANISH_GRACE_S", 0.0)  # nothing is being deleted here
+    # arrays over orbax's 1 kB inline limit, so that each is stored in files of its own
+    params = {"w": jnp.ones((64, 64)), "e": jnp.arange(4096.0).reshape(64, 64), "b": jnp.zeros(64)}
+    opt_state = {"m": jnp.full((64, 64), 0.5)}
+    ckpt = Checkpointer(tmp_path, keep=10)
+    for step in range(1, 9):
+        ckpt.save(step, params, opt_state, {"step": step, "val_loss": None})
+    ckpt.save(9, params, {}, {"step": 9, "val_loss": None})  # weights only, as convert writes them
+    ckpt.close()
+    steps = tmp_path / "checkpoints"
+
+    def arrays(step):
+        return sorted((p for p in (steps / str(step) / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
+                      key=lambda p: -p.stat().st_size)
+
+    (steps / "1" / "_CHECKPOINT_METADATA").unlink()  # orbax's bookkeeping: a read does not need it
+    restored, _ = read_state(steps, 1, params)
+    assert all(bool((restored[k] == params[k]).all()) for k in params)
+    assert read_meta(steps, 1)["step"] == 1
+
+    biggest = arrays(2)[0]
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])  # OUT_OF_RANGE
+    for f in arrays(3):
+        f.write_bytes(bytes(b ^ 0x5A for b in f.read_bytes()))  # DATA_LOSS or a zstd failure
+    (steps / "4" / "params" / "_METADATA").write_bytes((steps / "4" / "params" / "_METADATA").read_bytes()[:100])
+    for step in (2, 3, 4):
+        with pytest.raises(UserError, match=rf"checkpoints/{step} cannot be read: it is corrupt") as error:
+            read_state(steps, step, params)
+        assert "Other checkpoints here: steps 1, " in str(error.value)
+    assert "params/_METADATA is not JSON" in str(error.value)
+
+    shutil.rmtree(steps / "5" / "params")
+    for f in arrays(6):
+        f.unlink()
+    (steps / "7" / "meta" / "metadata").unlink()
+    for step, call, missing in ((5, read_state, "params/ is missing"), (6, read_state, "a file of it is missing"),
+                                (7, read_meta, "meta/metadata is missing")):
+        with pytest.raises(UserError, match=rf"checkpoints/{step} cannot be read: it is incomplete, {missing}") as error:
+            call(steps, step, params) if call is read_state else call(steps, step)
+        assert "corrupt" not in str(error.value)
+    (steps / "8" / "meta" / "metadata").write_text("{not json")
+    with pytest.raises(UserError, match=r"checkpoints/8 cannot be read: it is corrupt, meta/metadata is not JSON"):
+        read_meta(steps, 8)
+
+    other = {"w": jnp.ones((32, 64)), "e": params["e"]}  # sound files, read into another model
+    with pytest.raises(UserError, match=r"checkpoints/1 does not match this model: its files are intact.*"
+                                        r"w: stored \(64, 64\), this model \(32, 64\); b is stored but not in "
+                                        r"this model") as error:
+        read_state(steps, 1, other)
+    assert "corrupt" not in str(error.value)
+    with pytest.raises(UserError, match="checkpoints/9 holds parameters but no optimizer state.*--train.init_from="):
+        read_state(steps, 9, params, opt_state)
+    assert read_state(steps, 9, params)[0]["e"].sum() == params["e"].sum()
+
+
+@pytest.mark.parametrize("error", [
+    ValueError("Checkpoint path should be absolute. Got out/run/checkpoints/6/params"),  # orbax's, issue 25
+    TypeError("restore() got an unexpected keyword argument 'args'"),
+    AttributeError("'NoneType' object has no attribute 'items'"),
+])
+def test_an_error_of_the_call_is_raised_as_it_is_and_not_called_corrupt(task_run, monkeypatch, error):
+    """A library refusing the request, or a bug: the original exception with its traceback, and a note naming
+    the checkpoint and that its files are not known to be damaged."""
+    import orbax.checkpoint as ocp
+
+    from gptjax.sample import main as sample
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ocp.Checkpointer, "restore", refuse)
+    with pytest.raises(type(error)) as raised:
+        load(task_run.run)
+    assert raised.value is error and "corrupt" not in str(raised.value)
+    note = " ".join(raised.value.__notes__)
+    assert f"reading checkpoint {task_run.run / 'checkpoints' / '6'}" in note and "none is known to be damaged" in note
+    with pytest.raises(type(error)):  # the command line lets it through too: a traceback, not a user error
+        sample([f"--checkpoint={task_run.run}", "--prompt=a"])
+
+
+def test_other_readers_and_writers_raise_a_failed_call_as_it_is(tmp_path, monkeypatch):
+    """A Hugging Face file that its reader cannot decode is named (a Git LFS placeholder as one); a bug while
+    reading one is not. A checkpoint write that fails for another reason than the disk keeps its own cause."""
+    import numpy as np
+
+    from gptjax import hf
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 1,
+                                                             "n_embd": 8, "n_positions": 8, "vocab_size": 64}))
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(UserError, match="model.safetensors cannot be read"):
+        hf.from_hf(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n"
+                                                       "oid sha256:0123\nsize 548105171\n")
+    with pytest.raises(UserError, match=r"model.safetensors is a Git LFS pointer.*git lfs pull"):
+        hf.from_hf(tmp_path / "hf")
+    bug = AttributeError("'NoneType' object has no attribute 'get'")
+
+    def read_with_a_bug(path):
+        raise bug
+
+    monkeypatch.setattr(hf, "_load_file", read_with_a_bug)
+    with pytest.raises(AttributeError) as raised:
+        hf.from_hf(tmp_path / "hf")
+    assert raised.value is bug
+
+    ckpt = Checkpointer(tmp_path / "run")
+    cause = KeyError("h/0")
+
+    def refuse(*args, **kwargs):
+        raise ValueError("refused") from cause
+
+    monkeypatch.setattr(ckpt.manager, "save", refuse)
+    with pytest.raises(ValueError, match="refused") as raised:
+        ckpt.save(1, {"w": np.ones(3)}, {}, {"step": 1})
+    assert raised.value.__cause__ is cause
 
 
 def test_resume_with_another_tokenizer_is_refused(corpus, tmp_path):

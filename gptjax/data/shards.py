@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptjax import paths
 from gptjax.errors import UserError
 from gptjax.tokenizer import Tokenizer, bpe_tokenizer, get_tokenizer
 
@@ -135,12 +136,12 @@ def shard_folders(spec: str) -> list[Path]:
         if not item:
             continue
         if glob.has_magic(item):
-            matched = sorted(Path(p) for p in glob.glob(os.path.expanduser(item)) if os.path.isdir(p))
+            matched = sorted(Path(p) for p in glob.glob(paths.expand_text(item)) if os.path.isdir(p))
             if not matched:
                 raise UserError(f"--data.dir glob {item!r} matches no folders.")
             folders += matched
         else:
-            folders.append(Path(item).expanduser())
+            folders.append(paths.expand(item))
     return folders
 
 

@@ -36,6 +36,7 @@ from typing import Iterator, NamedTuple
 
 import zstandard
 
+from gptjax import paths
 from gptjax.errors import UserError
 
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
@@ -71,7 +72,7 @@ def corpus_files(spec: str, option: str = "corpus") -> list[Path]:
         if not files:
             raise UserError("found no Python standard library source through sysconfig; give --data.corpus=PATH.")
         return files
-    path = Path(spec).expanduser()
+    path = paths.expand(spec)
     if path.is_file():
         return [path]
     if path.is_dir():
@@ -84,7 +85,7 @@ def corpus_files(spec: str, option: str = "corpus") -> list[Path]:
                             "JSON Lines or Parquet files.")
         return files
     if glob.has_magic(spec):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
+        files = sorted(Path(p) for p in glob.glob(paths.expand_text(spec), recursive=True) if os.path.isfile(p))
         if not files:
             raise UserError(f"{option} glob {spec!r} matches no files.")
         return files

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptjax import paths
 from gptjax.errors import UserError
 from gptjax.eval.score import Scorer
 
@@ -95,8 +96,9 @@ def _parse(where: str, line: str) -> tuple[str, str, list[str], int]:
 
 
 def read_task(path: str | Path, tokenizer, block_size: int) -> Task:
-    """Read and tokenize a task file; examples that do not fit `block_size` + 1 tokens are skipped."""
-    path = Path(path)
+    """Read and tokenize a task file (relative, or under ~); examples that do not fit `block_size` + 1 tokens
+    are skipped."""
+    path = paths.expand(path)
     if not path.is_file():
         raise UserError(f"task file {path} does not exist; give a .jsonl file with one example per line, {LAYOUTS}.")
     task = None
