@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from gptjax import paths
 from gptjax.errors import UserError
 
 
@@ -104,6 +105,8 @@ class DataConfig:
     workers: int = opt(0, "tokenizer processes when preparing the shards; 0: one per core")
 
     def __post_init__(self):
+        # a folder that a preparation writes as it is given (gptjax.data prepare): ~ is expanded here, once
+        object.__setattr__(self, "dir", paths.expand_list(self.dir))
         _check(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}.")
         _check(self.workers >= 0, f"data.workers must be 0 (one per core) or more, got {self.workers}.")
         _check(512 <= self.bpe_vocab <= 1 << 20, f"data.bpe_vocab must be 512 to 1,048,576, got {self.bpe_vocab}.")
@@ -206,6 +209,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
+    def __post_init__(self):
+        # the run directory is used as it is given by many modules (lock, data, metrics, checkpoints, W&B):
+        # ~ is expanded here, once, so that they all write into the same folder
+        object.__setattr__(self, "out_dir", paths.expand_text(self.out_dir))
+
 
 @dataclass(frozen=True)
 class SampleConfig:
@@ -225,7 +233,8 @@ class SampleConfig:
     output: str = opt("", "write the samples to this JSONL file, one line each: prompt, completion and the controls")
     batch_size: int = opt(16, "prompts decoded together")
     dtype: Literal["checkpoint", "float32", "bfloat16", "auto"] = opt(
-        "checkpoint", "compute dtype for decoding: bfloat16 reads half the bytes per token; checkpoint: the run's")
+        "checkpoint", "compute dtype for decoding: bfloat16 reads half the bytes per token; checkpoint: the run's "
+                      "(float32 for hf:DIR)")
     stop: str = opt("", "end each sample before this string, which is not printed; \\n, \\t and \\\\ are escapes, "
                         "and several stop strings are a JSON list: --stop='[\"\\n\\n\", \"def \"]'")
 
@@ -252,6 +261,8 @@ class EvalConfig:
     task: str = opt("", "zero-shot task files, comma-separated: JSON Lines of multiple-choice examples "
                         "(ctx, endings, label: HellaSwag's layout) or last-word examples (text: LAMBADA's)")
     batch_size: int = opt(8, "windows (or task sequences) scored together")
+    dtype: Literal["checkpoint", "float32", "bfloat16", "auto"] = opt(
+        "checkpoint", "compute dtype: checkpoint: the run's (float32 for hf:DIR, as transformers computes)")
     output: str = opt("", "also write every figure, with the checkpoint, step and settings, to this JSON file")
 
     def __post_init__(self):

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import safetensors
 import safetensors.numpy
 from flax import nnx
 
-from gptjax import disk
+from gptjax import disk, paths
 from gptjax.checkpoint import flatten, unflatten
 from gptjax.config import Config, DataConfig, ModelConfig
 from gptjax.errors import UserError
@@ -39,6 +40,7 @@ _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
 # what safetensors, PyTorch and pickle say of a file that ends early
 _CUT_SHORT = ("incomplete metadata", "file not fully covered", "header too small", "central directory",
               "unexpected EOF", "truncated", "unpack requires")
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a file that Git LFS did not fetch begins
 
 def hf_name(name: str) -> str:
     """gptjax 'h/0/ln_1/scale' -> HF 'h.0.ln_1.weight' (without the 'transformer.' prefix)."""
@@ -61,7 +63,8 @@ def param_shapes(model_cfg: ModelConfig) -> dict:
 
 
 def hf_folder(path) -> Path:
-    path = Path(str(path).removeprefix("hf:"))
+    """The folder of 'hf:DIR' (or of DIR), which may be relative or under ~ ('hf:~/models/gpt2')."""
+    path = paths.expand(str(path).removeprefix("hf:"))
     if not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "has no config.json"
         raise UserError(f"Hugging Face folder {path} {what}. Give a local GPT2LMHeadModel folder; a hub model must be "
@@ -91,8 +94,10 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     if bad:
         raise UserError(f"{where} sets what gptjax's GPT-2 does not compute: {'; '.join(bad)}.")
     try:
+        # float32 on every device unless asked otherwise, so that its figures are transformers' figures
         return ModelConfig(n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=D,
-                           block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257))
+                           block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
+                           dtype="float32")
     except UserError as e:
         raise UserError(f"{where} gives an impossible model: {e}") from None
 
@@ -111,8 +116,22 @@ def _load_file(path: Path) -> dict:
         raise UserError(f"{path} is a PyTorch file, and reading it needs PyTorch, which is not installed: pip install "
                         "torch (or pip install \"gptjax[hf]\"). Only pytorch_model.bin needs it: a folder with "
                         "model.safetensors is read without PyTorch.") from None
-    tensors = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  the call is fixed, so the file is the cause: PyTorch's unpickler
+        raise _unreadable(path, e) from None  # raises KeyError, IndexError, ... on bytes that are not its format
+    if not isinstance(tensors, dict):
+        raise UserError(f"{path} holds a {type(tensors).__name__}, not the dict of named tensors of a state_dict.")
     return {k: v.float().numpy() for k, v in tensors.items()}
+
+
+def _head(path: Path, n: int) -> bytes:
+    """The first `n` bytes of the file, or none where it cannot be opened (the reader's error says why)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
 
 
 def _cut_short(path: Path, error: Exception) -> bool:
@@ -120,9 +139,7 @@ def _cut_short(path: Path, error: Exception) -> bool:
     is not whole."""
     if isinstance(error, EOFError) or any(m in str(error) for m in _CUT_SHORT):
         return True
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"
-    if not is_zip:
+    if _head(path, 4) != b"PK\x03\x04":
         return False
     try:
         with zipfile.ZipFile(path) as z:
@@ -133,9 +150,16 @@ def _cut_short(path: Path, error: Exception) -> bool:
 
 def _unreadable(path: Path, error: Exception) -> UserError:
     text = str(error)
+    if _head(path, len(LFS_POINTER)) == LFS_POINTER:
+        return UserError(f"{path} is a Git LFS pointer, a placeholder for the file that was never fetched: run "
+                         "`git lfs pull` in its repository (or download the file itself).")
     if _cut_short(path, error):
         return UserError(f"{path} cannot be read: it ends early, as a download or copy that was cut short does; "
                          "is it complete? Fetch it again.")
+    operand = re.search(r"Unsupported operand \S+", text)
+    if "Weights only load failed" in text and operand:  # bytes that are no pickle at all
+        return UserError(f"{path} cannot be read: it is not a file that PyTorch wrote (its unpickler met "
+                         f"{operand.group(0).lower()}). Fetch it again.")
     if "Weights only load failed" in text:  # PyTorch's loader met a Python object, not a tensor
         named = re.search(r"GLOBAL ([\w.]+)", text)
         named = f" (it names {named.group(1)})" if named else ""
@@ -159,9 +183,7 @@ def read_tensors(hf_dir: Path) -> tuple[dict, str]:
             for f in files:
                 try:
                     loaded = _load_file(f)
-                except (UserError, KeyboardInterrupt):
-                    raise
-                except Exception as e:  # safetensors and torch raise several kinds on a damaged file
+                except (safetensors.SafetensorError, OSError) as e:  # PyTorch's file: _load_file
                     raise _unreadable(f, e) from None
                 tensors.update({k.removeprefix(HF_PREFIX): v for k, v in loaded.items()})
             return tensors, str(hf_dir / name)
@@ -260,7 +282,7 @@ def hf_tensors(model_cfg: ModelConfig, params) -> dict:
 
 def save_hf(config: Config, params, hf_dir) -> Path:
     """Write config.json and model.safetensors (and, for the gpt2 tokenizer, vocab.json and merges.txt)."""
-    out = Path(hf_dir)
+    out = paths.expand(hf_dir)
     taken = [n for n in ("config.json", "model.safetensors") if (out / n).exists()]
     if taken:
         raise UserError(f"{out} already holds {' and '.join(taken)}; choose another folder. Nothing was changed.")

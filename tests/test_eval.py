@@ -4,6 +4,7 @@ python -m gptjax.eval as a person runs it."""
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -155,9 +156,9 @@ def test_bad_task_lines_are_named(tmp_path, line, message):
     assert message in str(e.value)
 
 
-def run_eval(*args):
+def run_eval(*args, env=None):
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
-           **JAX_CACHE_ENV}
+           **JAX_CACHE_ENV, **(env or {})}
     return subprocess.run([sys.executable, "-m", "gptjax.eval", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=300)
 
@@ -206,16 +207,18 @@ def test_training_scores_tasks_and_the_command_line_evaluates(task_run, tmp_path
     assert proc.returncode == 2 and "nothing to evaluate" in proc.stderr
 
 
-def test_text_perplexity_agrees_with_transformers(tmp_path):
+def test_text_perplexity_agrees_with_transformers(tmp_path, monkeypatch):
     """An imported GPT-2 (random weights, the GPT-2 vocabulary): gptjax's streamed scoring against
-    transformers' log-probabilities over the same windows."""
+    transformers' log-probabilities over the same windows, in float32 even where auto means bfloat16."""
     torch = pytest.importorskip("torch", reason="the HF parity tests need PyTorch: pip install 'gptjax[hf]'")
     pytest.importorskip("transformers", reason="the HF parity tests need transformers: pip install 'gptjax[hf]'")
     from gptjax import load
     from test_convert import make_hf
 
     hf = make_hf(tmp_path / "hf", n_layer=2, n_head=2, n_embd=64, n_positions=16, vocab_size=50257)
+    monkeypatch.setenv("GPTJAX_HARDWARE", "backend=gpu")  # auto: bfloat16
     m = load(f"hf:{tmp_path / 'hf'}")
+    assert m.dtype == "float32" and load(f"hf:{tmp_path / 'hf'}", dtype="auto").dtype == "bfloat16"
     docs = ["The quick brown fox jumps over the lazy dog, again and again, until the dog gets up.",
             "Perplexity is the exponential of the mean negative log-likelihood per token — über simple."]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -231,3 +234,22 @@ def test_text_perplexity_agrees_with_transformers(tmp_path):
     assert score.tokens == n == len(ids) - 1 > 2 * 16
     assert score.perplexity == pytest.approx(math.exp(nll / n), rel=1e-4)
     assert score.bits_per_byte == pytest.approx(nll / math.log(2) / sum(len(d.encode()) for d in docs), rel=1e-4)
+
+
+def test_the_command_line_names_its_compute_dtype(tmp_path):
+    """hf:DIR evaluates in float32 by default, even where auto means bfloat16; --dtype chooses another, and
+    the `evaluating` line and the JSON both say which; the figure line keeps its form."""
+    from test_convert import make_hf
+
+    make_hf(tmp_path / "hf", n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=50257)
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog, again and again.\n")
+    env = {"GPTJAX_HARDWARE": "backend=gpu"}
+    for given, dtype in (("checkpoint", "float32"), ("bfloat16", "bfloat16"), ("auto", "bfloat16")):
+        out = tmp_path / f"{given}.json"
+        proc = run_eval(f"hf:{tmp_path / 'hf'}", f"--text={tmp_path / 'text.txt'}", f"--dtype={given}",
+                        f"--output={out}", env=env)
+        assert proc.returncode == 0, proc.stderr
+        evaluating = next(line for line in proc.stdout.splitlines() if line.startswith("evaluating"))
+        assert f"{dtype} compute" in evaluating and ("auto: gpu" in evaluating) == (given == "auto"), evaluating
+        assert json.loads(out.read_text())["compute_dtype"] == dtype
+        assert re.search(r"loss [\d.]+ \| perplexity [\d.]+ \| bits per byte [\d.]+ \|", proc.stdout), proc.stdout

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
+from gptjax import paths, precision
 from gptjax.config import EvalConfig
 from gptjax.cpu import tune_for_cpu
 from gptjax.data.sources import corpus_files
@@ -51,8 +51,8 @@ def parse(argv: list[str]) -> EvalConfig:
     if not cfg.text and not cfg.task:
         raise UserError("nothing to evaluate: give --text=FILE|FOLDER|GLOB to score a text, --task=FILE.jsonl for "
                         "zero-shot tasks, or both.")
-    if cfg.output and not Path(cfg.output).parent.is_dir():
-        raise UserError(f"--output {cfg.output}: the folder {Path(cfg.output).parent} does not exist.")
+    if cfg.output and not paths.expand(cfg.output).parent.is_dir():
+        raise UserError(f"--output {cfg.output}: the folder {paths.expand(cfg.output).parent} does not exist.")
     return cfg
 
 
@@ -66,14 +66,15 @@ def main(argv: list[str]) -> dict:
     from gptjax.eval.text import check_stride, score_text
     from gptjax.pretrained import load
 
-    model = load(cfg.checkpoint, None if cfg.step < 0 else cfg.step)
+    model = load(cfg.checkpoint, None if cfg.step < 0 else cfg.step, None if cfg.dtype == "checkpoint" else cfg.dtype)
     T = model.config.model.block_size
     stride = check_stride(cfg.stride, T)
     tasks = read_tasks(cfg.task, model.tokenizer, T) if cfg.task else []
-    print(f"evaluating {model!r}")
+    why = precision.explain(model.config.model.dtype).why
+    print(f"evaluating {model!r}{f' ({why})' if why != 'as set' else ''}")
     scorer = Scorer(model.graphdef, model.params, T, cfg.batch_size)
     results = {"checkpoint": str(model.path), "step": model.step, "tokenizer": model.tokenizer.name,
-               "model": to_dict(model.config.model),
+               "model": to_dict(model.config.model), "compute_dtype": model.dtype,
                "settings": {"text": cfg.text, "text_field": cfg.text_field, "stride": stride, "context": T,
                             "batch_size": cfg.batch_size, "task": cfg.task}}
     if files:
@@ -97,7 +98,7 @@ def main(argv: list[str]) -> dict:
         results["tasks"][task.name] = {**figures, "file": str(task.path), "skipped_examples": task.skipped[:10]}
         print(summary(task.name, figures))
     if cfg.output:
-        Path(cfg.output).write_text(json.dumps(results, indent=2) + "\n")
+        paths.expand(cfg.output).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {cfg.output}")
     return results
 
