@@ -171,7 +171,7 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    path = Path(name)
+    path = Path(name).expanduser()
     if not (name.endswith(".toml") or os.sep in name):
         path = presets_dir() / f"{name}.toml"
     if not path.is_file():

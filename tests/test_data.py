@@ -156,6 +156,10 @@ def test_several_folders_refuse_what_does_not_fit(tmp_path):
         data.load(DataConfig(dir=str(shards / "*"), corpus=str(tmp_path / "src"), tokenizer="byte"), tmp_path, quiet)
     with pytest.raises(UserError, match="holds no prepared shards"):
         data.load(DataConfig(dir=f"{shards / 'a'},{tmp_path / 'nope'}", tokenizer="byte"), tmp_path, quiet)
+    (tmp_path / "garbled").mkdir()
+    (tmp_path / "garbled" / "meta.json").write_text('{"format": 2, "tokeni')  # there, but cut short
+    with pytest.raises(UserError, match="meta.json is there but is not a JSON object that can be read"):
+        data.load(DataConfig(dir=f"{shards / 'a'},{tmp_path / 'garbled'}", tokenizer="byte"), tmp_path, quiet)
     with pytest.raises(UserError, match="glob .* matches no folders"):
         data.load(DataConfig(dir=str(tmp_path / "none*"), tokenizer="byte"), tmp_path, quiet)
     with pytest.raises(UserError, match="shards of the byte tokenizer, but this run uses gpt2"):

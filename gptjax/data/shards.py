@@ -150,6 +150,10 @@ def open_folders(folders: list[Path], tokenizer: str) -> Dataset:
     sets = []
     for folder in folders:
         meta = read_meta(folder)
+        if meta is None and (folder / "meta.json").exists():
+            raise UserError(f"{folder}/meta.json is there but is not a JSON object that can be read: the folder "
+                            "is damaged. Prepare it again (python -m gptjax.data prepare --data.corpus=... "
+                            f"--data.dir={folder}), or restore its meta.json.")
         if meta is None:
             raise UserError(f"{folder} holds no prepared shards (no meta.json). Prepare it first: python -m "
                             f"gptjax.data prepare --data.corpus=... --data.dir={folder}")
