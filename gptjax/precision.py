@@ -119,9 +119,24 @@ def _decide(value: str) -> Decision:
                                f"float32 (at least {SPEEDUP}x needed){note}")
 
 
+_agreed: dict[str, Decision] = {}  # a multi-process run's common decision, by GPTJAX_HARDWARE value
+
+
 def decide() -> Decision:
     """What auto stands for in this process, decided at the first call (per GPTJAX_HARDWARE value)."""
-    return _decide(os.environ.get(HARDWARE_ENV, ""))
+    value = os.environ.get(HARDWARE_ENV, "")
+    return _agreed.get(value) or _decide(value)
+
+
+def agree(everywhere_bfloat16: bool) -> Decision:
+    """The processes of one run compute alike: bfloat16 only if every process chose it (each measures its own
+    speed-up, and two measurements near the threshold can differ). `everywhere_bfloat16` is what the
+    processes found together (distributed.any_process); returns this process's decision after it."""
+    mine = decide()
+    if mine.dtype == "bfloat16" and not everywhere_bfloat16:
+        _agreed[os.environ.get(HARDWARE_ENV, "")] = Decision(
+            "float32", f"another process of this run found no bfloat16 speed-up; here: {mine.why}")
+    return decide()
 
 
 def auto_dtype() -> tuple[str, str]:

@@ -122,7 +122,9 @@ class Trainer:
         """The run's config with the vocabulary size filled in, and for a fine-tune its source's model and
         tokenizer. Returns (cfg, the vocabulary size as given, the fine-tune's source or None)."""
         given_vocab = cfg.model.vocab_size
-        precision.decide()  # before anything is traced: auto's measurement runs real products
+        decision = precision.decide()  # before anything is traced: auto's measurement runs real products
+        if cfg.model.dtype == "auto" and jax.process_count() > 1:
+            precision.agree(not distributed.any_process(decision.dtype != "bfloat16"))
         cfg = start.resolve(cfg)
         if cfg.train.wandb:
             wandb_log.check_installed(cfg.train.wandb)

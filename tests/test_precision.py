@@ -48,6 +48,19 @@ def test_a_model_built_inside_a_trace_takes_the_decision(monkeypatch):
     assert "measured" in precision.decide().why
 
 
+def test_the_processes_of_a_run_agree(monkeypatch):
+    """Each process measures its own speed-up; a run whose processes found different answers computes in
+    float32 everywhere (train() shares the answer through distributed.any_process)."""
+    monkeypatch.setattr(precision, "_agreed", {})
+    monkeypatch.setenv(precision.HARDWARE_ENV, BRANCHES["units-and-speedup"][0])
+    assert precision.agree(everywhere_bfloat16=True).dtype == "bfloat16"
+    agreed = precision.agree(everywhere_bfloat16=False)
+    assert agreed.dtype == "float32" and agreed.why.startswith("another process of this run found no bfloat16")
+    assert precision.resolve("auto") == "float32"
+    monkeypatch.setenv(precision.HARDWARE_ENV, BRANCHES["no-units"][0])
+    assert precision.agree(everywhere_bfloat16=False).dtype == "float32"
+
+
 def test_a_wrong_injection_is_refused_with_the_accepted_form(monkeypatch):
     for value in ("backend", "speed=2", "speedup=fast"):
         monkeypatch.setenv(precision.HARDWARE_ENV, value)
