@@ -12,6 +12,7 @@ Run directory:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -104,6 +105,8 @@ class Trainer:
         cfg, given_vocab, source = self._settle_config(cfg)
         self._read_tasks_early(cfg, source)
         latest, saved = self._find_resume_point(cfg)
+        self.given_dtype = cfg.model.dtype
+        cfg, self.compute, self.compute_reason = self._settle_dtype(cfg, saved)
         self._plan_devices(cfg.train)
         cfg = self._load_data(cfg, given_vocab, source, latest, saved)
         self.cfg, self.t = cfg, cfg.train
@@ -122,9 +125,6 @@ class Trainer:
         """The run's config with the vocabulary size filled in, and for a fine-tune its source's model and
         tokenizer. Returns (cfg, the vocabulary size as given, the fine-tune's source or None)."""
         given_vocab = cfg.model.vocab_size
-        decision = precision.decide()  # before anything is traced: auto's measurement runs real products
-        if cfg.model.dtype == "auto" and jax.process_count() > 1:
-            precision.agree(not distributed.any_process(decision.dtype != "bfloat16"))
         cfg = start.resolve(cfg)
         if cfg.train.wandb:
             wandb_log.check_installed(cfg.train.wandb)
@@ -164,6 +164,30 @@ class Trainer:
             start.check_resumable(saved, cfg, run_dir)
             self.elapsed_before = float(saved.get("elapsed_s", 0.0))
         return latest, saved
+
+    def _settle_dtype(self, cfg: Config, saved: dict | None):
+        """The compute dtype the model is built in, decided before anything is traced (auto's measurement runs
+        real products): as set, or what auto stands for here (the same on every process of the run), or for a
+        resumed auto run the one it started with, so that a resume computes what the run computed. The config
+        written to the run keeps the dtype as given. Returns (cfg with the concrete dtype, the decision for the
+        header, the reason checkpoints record)."""
+        if cfg.model.dtype != "auto":
+            decision = precision.explain(cfg.model.dtype)
+            return cfg, decision, decision.why
+        if saved is not None and saved.get("compute_dtype") in ("float32", "bfloat16"):
+            reason = saved.get("compute_why", "not recorded")
+            decision = precision.Decision(saved["compute_dtype"], f"auto: as this run decided at its start, {reason}; "
+                                          "--model.dtype= changes it")
+        else:
+            if jax.process_count() > 1:  # every process computes alike: bfloat16 only where all chose it
+                precision.agree(not distributed.any_process(precision.decide().dtype != "bfloat16"))
+            reason = precision.decide().why
+            decision = precision.explain("auto")
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=decision.dtype)), decision, reason
+
+    def _as_given(self, cfg: Config) -> Config:
+        """The config as the run is recorded: its dtype as given (auto stays auto, for readers elsewhere)."""
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=self.given_dtype))
 
     def _plan_devices(self, t) -> None:
         """The devices, and the batch cut into micro-batches that split evenly over them."""
@@ -225,7 +249,7 @@ class Trainer:
         if not distributed.is_primary():
             self.metrics_log = distributed.Silent()
             return
-        text = to_toml(cfg)
+        text = to_toml(self._as_given(cfg))
         with disk.writing(self.run_dir / "config.toml", "the run's config", len(text)):
             (self.run_dir / "config.toml").write_text(text)
         others = [wandb_log.WandbLog(cfg, self.run_dir, resuming)] if cfg.train.wandb else []
@@ -240,7 +264,7 @@ class Trainer:
         peak = peak_flops(self.devices[0])
         self.flops_per_step = flops_per_token(cfg.model, self.n_params) * self.tokens_per_step
         self.peak = peak * len(self.devices) if peak else None
-        compute = precision.explain(cfg.model.dtype)
+        compute = self.compute
         self.log(f"model: {self.n_params / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_head} "
                  f"heads, width {cfg.model.n_embd}, context {cfg.model.block_size}, {self.tok.name} vocabulary "
                  f"{cfg.model.vocab_size}; {compute.dtype} compute ({compute.why})")
@@ -297,7 +321,8 @@ class Trainer:
 
     def save(self, val_loss: float | None) -> None:
         host = self.strategy.get_state(self.state)
-        meta = {"step": self.done, "config": to_dict(self.cfg), **self.tok.meta(), "val_loss": val_loss,
+        meta = {"step": self.done, "config": to_dict(self._as_given(self.cfg)), **self.tok.meta(), "val_loss": val_loss,
+                "compute_dtype": self.compute.dtype, "compute_why": self.compute_reason,
                 "elapsed_s": self.elapsed(),
                 "data": {k: self.ds.meta.get(k) for k in ("source", "fingerprint")}}
         self.ckpt.save(self.done, host["params"], host["opt_state"], meta)

@@ -78,9 +78,14 @@ def test_train_resume_sample_and_load_on_each_branch(branch, corpus, tmp_path, m
     log, _ = first.communicate(timeout=300)
     assert first.returncode == 0, log
     assert f"{dtype} compute (auto: {why}" in log, log
-    resumed = start(out, corpus, "--train.max_steps=6", "--train.resume=true", args=short, env=env)
+    # resumed where auto would now choose the other dtype: the run goes on in the one it started with
+    other = BRANCHES["accelerator" if dtype == "float32" else "no-units"][0]
+    resumed = start(out, corpus, "--train.max_steps=6", "--train.resume=true", args=short,
+                    env={precision.HARDWARE_ENV: other})
     log, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0 and "resume: continuing from step 4" in log and f"{dtype} compute" in log, log
+    assert resumed.returncode == 0 and "resume: continuing from step 4" in log, log
+    assert f"{dtype} compute (auto: as this run decided at its start, {why}" in log, log
+    assert 'dtype = "auto"' in (out / "config.toml").read_text()  # recorded as given, for readers elsewhere
     sample = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={out}", "--prompt=def ",
                              "--max_new_tokens=8", "--temperature=0"], capture_output=True, text=True, cwd=tmp_path,
                             env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", **JAX_CACHE_ENV, **env},
