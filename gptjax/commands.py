@@ -23,7 +23,7 @@ COMMANDS = {
     "convert": ("gptjax.convert", "GPT-2 weights between a Hugging Face folder and a run directory"),
     "bench": ("gptjax.bench", "time the training step, sampling or data preparation"),
     "plot": ("gptjax.plot", "loss curves of one or more runs, as a PNG"),
-    "eval": ("gptjax.eval", "evaluate a model on benchmark tasks"),
+    "eval": ("gptjax.eval.__main__", "score a model on a text and on zero-shot task files"),
     "memory": ("gptjax.memory", "memory per device of the compiled training step, pmap against fsdp"),
 }
 

@@ -39,7 +39,7 @@ def test_installed_command_runs_a_subcommand(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "does not exist" in proc.stderr
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "eval"])
+@pytest.mark.parametrize("name", NAMES)
 def test_each_subcommand_is_its_module(name, capsys, monkeypatch):
     monkeypatch.setenv("GPTJAX_CPU_TUNING", "off")  # train's main would set malloc up for training in this process
     module = importlib.import_module(commands.COMMANDS[name][0])
