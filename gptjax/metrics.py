@@ -123,6 +123,8 @@ class MetricsLog:
 class TensorBoardLog:
     """Event files in <run_dir>/tensorboard/ when tensorboardX is installed (pip install "gptjax[tb]")."""
 
+    QUEUE = 1024  # events waiting for the writer thread (tensorboardX's default: 10)
+
     def __init__(self, writer, threads: set, folder: Path, then: str):
         self.writer, self.threads, self.folder, self.then = writer, threads, folder, then
 
@@ -137,8 +139,10 @@ class TensorBoardLog:
         # purge_step: TensorBoard hides what an interrupted run logged past the checkpoint it resumes from.
         # The file's name holds the second it was opened, so a suffix keeps two starts in one second apart.
         with disk.writing(folder, "the TensorBoard events", then=then):
+            # a queue far longer than a record's figures: its writer thread may die (a full disk) between
+            # write()'s check and the adds, and an add to a full queue whose reader is gone waits forever
             writer = SummaryWriter(str(folder), purge_step=None if resume_step is None else start + 1,
-                                   filename_suffix=f".from-step-{start:09d}")
+                                   filename_suffix=f".from-step-{start:09d}", max_queue=cls.QUEUE)
         threads = {t for t in set(threading.enumerate()) - before  # the thread that writes its files
                    if type(t).__module__.startswith("tensorboardX")}
         _watch(threads)
