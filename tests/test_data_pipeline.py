@@ -6,6 +6,7 @@ import gzip
 import json
 import lzma
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -284,3 +285,15 @@ def test_workers_end_with_their_parent(tmp_path, big_corpus):
     alive = [c for c in children if os.path.exists(f"/proc/{c}")
              and "zombie" not in open(f"/proc/{c}/status").read()]
     assert not alive
+
+
+def test_a_worker_whose_input_is_cut_inside_a_chunk_ends():
+    """A parent killed while it writes leaves a chunk's pickle cut short: the worker ends all the same (it
+    waited forever for the next chunk when only a clean end of input was taken as the end)."""
+    setup = pickle.dumps((get_tokenizer("byte").encoding, 256, "<u2"), protocol=pickle.HIGHEST_PROTOCOL)
+    chunk = pickle.dumps([("def f(x):\n    return x\n" * 100, 0, True)], protocol=pickle.HIGHEST_PROTOCOL)
+    proc = subprocess.Popen([sys.executable, "-c", "from gptjax.data.workers import serve; serve()"], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc.stdin.write(setup + chunk[:len(chunk) // 2])
+    proc.stdin.close()
+    assert proc.wait(timeout=30) == 0

@@ -173,7 +173,9 @@ def serve() -> None:
         while True:
             try:
                 inbox.put(pickle.load(source))
-            except EOFError:
+            except (EOFError, pickle.UnpicklingError, OSError):
+                # the input ended: closed between chunks (EOF), or cut inside one by a parent killed while it
+                # wrote (a truncated pickle); either way no more work comes, and the worker must end
                 inbox.put(None)
                 return
 
