@@ -253,3 +253,14 @@ def test_the_command_line_names_its_compute_dtype(tmp_path):
         assert f"{dtype} compute" in evaluating and ("auto: gpu" in evaluating) == (given == "auto"), evaluating
         assert json.loads(out.read_text())["compute_dtype"] == dtype
         assert re.search(r"loss [\d.]+ \| perplexity [\d.]+ \| bits per byte [\d.]+ \|", proc.stdout), proc.stdout
+
+
+def test_the_progress_line_writes_to_standard_error_as_it_is_now(monkeypatch):
+    """Not to the stream standard error was when the module was imported (closed since, under a test's capture)."""
+    import io
+
+    from gptjax.eval.__main__ import ProgressLine
+
+    now = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", now)
+    assert ProgressLine().stream is now and not ProgressLine().shown

@@ -22,9 +22,10 @@ INTRO = ("Evaluate a checkpoint: loss, perplexity and bits per byte of a text (-
 class ProgressLine:
     """A line on standard error that redraws after each batch, in a terminal; nothing in a log."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream, self.start = stream, time.perf_counter()
-        self.shown = stream.isatty()
+    def __init__(self, stream=None):
+        # standard error as it is now, not as it was when this module was imported (a test's capture, say)
+        self.stream, self.start = stream or sys.stderr, time.perf_counter()
+        self.shown = self.stream.isatty()
 
     def update(self, tokens: int, share: float) -> None:
         if self.shown:
