@@ -320,6 +320,10 @@ class Trainer:
                 for task in self.tasks}
 
     def save(self, val_loss: float | None) -> None:
+        # the previous save finishes first, before this one's copies are dispatched: orbax's thread still
+        # reading the last checkpoint's arrays while the slices of this one run aborted the process (XLA's
+        # CPU client, a suite run in three)
+        self.ckpt.wait()
         host = self.strategy.get_state(self.state)
         meta = {"step": self.done, "config": to_dict(self._as_given(self.cfg)), **self.tok.meta(), "val_loss": val_loss,
                 "compute_dtype": self.compute.dtype, "compute_why": self.compute_reason,
