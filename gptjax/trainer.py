@@ -320,9 +320,9 @@ class Trainer:
                 for task in self.tasks}
 
     def save(self, val_loss: float | None) -> None:
-        # the previous save finishes first, before this one's copies are dispatched: orbax's thread still
-        # reading the last checkpoint's arrays while the slices of this one run aborted the process (XLA's
-        # CPU client, a suite run in three)
+        # the previous save finishes first, before this one's copies are dispatched, so that orbax's thread
+        # never reads the last checkpoint's arrays while these slices run (two suite runs aborted inside the
+        # slices, with that overlap possible; not reproduced alone)
         self.ckpt.wait()
         host = self.strategy.get_state(self.state)
         meta = {"step": self.done, "config": to_dict(self._as_given(self.cfg)), **self.tok.meta(), "val_loss": val_loss,
