@@ -6,9 +6,10 @@ BF16, `avx512_bf16`, in /proc/cpuinfo's flags), confirmed there by a short measu
 CPU that has the instructions can still lack the kernels that use them. float32 elsewhere: on a
 CPU without the units a bfloat16 product is converted to float32 and runs slower than float32.
 
-The decision is made once per process, by `decide()`, which every entry point calls before it builds
-or traces a model (the measurement runs real products, which cannot happen inside a trace), and the
-run's header says which and why.
+The decision is made once per process, by `decide()`: the trainer and the training bench call it before
+they build or trace a model, and the run's header says which and why. A reader (gptjax.load, sample.py,
+eval) may first ask while a model's shapes are traced: the measurement then runs its products outside
+the trace (ensure_compile_time_eval), so the answer is the same.
 
 What the decision reads can be injected, so that every branch runs on every machine (the tests do):
 GPTJAX_HARDWARE="backend=cpu,flags=amx_bf16,speedup=2.0" (any of the three; a missing one is read
