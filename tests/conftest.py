@@ -2,7 +2,15 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+# XLA's CPU collectives end the process when a device's thread has not joined an all-reduce within 40 s.
+# Simulated devices are threads sharing the machine's cores, and the suite runs several 8-device trainings
+# at once on 2 cores, where a thread can wait longer than that for a core: CI aborted twice so (rendezvous
+# "Termination timeout ... Expected 8 threads ... only 7 of them arrived"). A patient limit for the tests;
+# tests/layout_worker.py gives its processes the same.
+PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+                       "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4 "
+                           + PATIENT_COLLECTIVES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import atexit  # noqa: E402

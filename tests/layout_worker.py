@@ -12,7 +12,10 @@ import os
 import sys
 
 mode, devices = sys.argv[1], (sys.argv[2] if sys.argv[1] == "train" else "1")
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+# patient collectives, as tests/conftest.py explains: these processes run side by side on few cores
+os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                           "--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+                           "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import json  # noqa: E402

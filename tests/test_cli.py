@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import JAX_CACHE_ENV, ROOT
+from conftest import JAX_CACHE_ENV, PATIENT_COLLECTIVES, ROOT
 
 TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
         "--data.tokenizer=byte", "--data.val_fraction=0.1", "--train.batch_size=8", "--train.eval_batches=2",
@@ -16,7 +16,7 @@ TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.b
 
 
 def run(script, *args, stdin=None, env_devices=1):
-    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={env_devices}", "JAX_PLATFORMS": "cpu",
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={env_devices} {PATIENT_COLLECTIVES}", "JAX_PLATFORMS": "cpu",
            "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1", **JAX_CACHE_ENV}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           input=stdin, cwd=ROOT, env=env, timeout=300)

@@ -28,7 +28,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import PATIENT_COLLECTIVES, ROOT, tiny_config
 from gptjax.config import DistConfig
 from gptjax.options import parse_args, to_toml
 from gptjax.data import Dataset, train_batch
@@ -127,7 +127,8 @@ def scanned(cfg, scan: bool):
 
 
 def test_fsdp_holds_an_eighth_of_the_state_per_device():
-    code = ("import os; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'; import json; "
+    code = (f"import os; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8 {PATIENT_COLLECTIVES}'; "
+            "import json; "
             "from gptjax.options import parse_args; from gptjax.memory import report; "
             "print(json.dumps(report(parse_args(['--train.devices=8', '--data.tokenizer=byte', '--model.n_layer=2', "
             "'--model.n_embd=128', '--model.block_size=64']))))")
