@@ -10,7 +10,7 @@ def __getattr__(name: str):
     # JAX is imported on first use of load/Pretrained, so that tools which need no JAX (data
     # preparation and its worker processes) start quickly and stay small
     if name in ("Pretrained", "load"):
-        from gptjax import pretrained
+        from gptjax.inference import pretrained
 
         return getattr(pretrained, name)
     raise AttributeError(f"module 'gptjax' has no attribute {name!r}")

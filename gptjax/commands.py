@@ -17,14 +17,14 @@ from gptjax.errors import UserError, cli
 
 # name: (the module whose main(argv) runs it, what it does)
 COMMANDS = {
-    "train": ("gptjax.train", "pretrain or fine-tune a model (what python train.py runs)"),
-    "sample": ("gptjax.sample", "continue prompts from a run directory or hf:DIR (what python sample.py runs)"),
+    "train": ("gptjax.train.__main__", "pretrain or fine-tune a model (what python train.py runs)"),
+    "sample": ("gptjax.inference.sample", "continue prompts from a run directory or hf:DIR (what python sample.py runs)"),
     "data": ("gptjax.data.__main__", "prepare token shards once, for many runs: gptjax data prepare [options]"),
-    "convert": ("gptjax.convert", "GPT-2 weights between a Hugging Face folder and a run directory"),
-    "bench": ("gptjax.bench", "time the training step, sampling or data preparation"),
-    "plot": ("gptjax.plot", "loss curves of one or more runs, as a PNG"),
+    "convert": ("gptjax.weights.convert", "GPT-2 weights between a Hugging Face folder and a run directory"),
+    "bench": ("gptjax.bench.__main__", "time the training step, sampling or data preparation"),
+    "plot": ("gptjax.train.plot", "loss curves of one or more runs, as a PNG"),
     "eval": ("gptjax.eval.__main__", "score a model on a text and on zero-shot task files"),
-    "memory": ("gptjax.memory", "memory per device of the compiled training step, pmap against fsdp"),
+    "memory": ("gptjax.bench.memory", "memory per device of the compiled training step, pmap against fsdp"),
 }
 
 

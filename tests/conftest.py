@@ -36,7 +36,7 @@ if os.environ.get("GPTJAX_TEST_COMPILE_CACHE", "on") != "off":
                      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1", "JAX_COMPILATION_CACHE_MAX_SIZE": str(16 << 30)}
     os.environ.update(JAX_CACHE_ENV)  # for this process, and the processes that inherit its environment
 
-from gptjax.cpu import tune_for_cpu  # noqa: E402
+from gptjax.runtime.cpu import tune_for_cpu  # noqa: E402
 
 # the scheduling setting only: the suite compiles hundreds of small steps, which malloc's single arena
 # slows; the tests that start train.py get both settings, as users do (tests/test_cpu.py checks malloc's)
@@ -90,7 +90,7 @@ def tiny_config(out_dir, corpus, **train) -> Config:
 def task_run(tmp_path_factory) -> SimpleNamespace:
     """A tiny model trained 6 steps that scored a multiple-choice task file at each evaluation (steps 0, 3
     and 6), trained once for the evaluation tests: its run directory, corpus, task file and history."""
-    from gptjax.trainer import train
+    from gptjax.train.trainer import train
 
     root = tmp_path_factory.mktemp("task_run")
     corpus = make_corpus(root / "corpus")

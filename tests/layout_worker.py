@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 
 import gptjax  # noqa: E402
 from gptjax.options import parse_args  # noqa: E402
-from gptjax.stacked import relayout  # noqa: E402
-from gptjax.trainer import train  # noqa: E402
+from gptjax.model.stacked import relayout  # noqa: E402
+from gptjax.train.trainer import train  # noqa: E402
 
 
 def run_train(result: str, args: list[str]) -> None:

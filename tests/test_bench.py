@@ -2,7 +2,7 @@
 
 import pytest
 
-from gptjax.bench_quality import ARMS, BASELINE, arm_options
+from gptjax.bench.quality import ARMS, BASELINE, arm_options
 
 
 def test_levers_go_on_top_of_the_baseline_and_combine_with_plus():

@@ -14,7 +14,7 @@ from gptjax.config import DataConfig
 from gptjax.data import workers
 from gptjax.errors import UserError
 from gptjax.tokenizer import bpe_tokenizer, learn_bpe, ranks_to_text
-from gptjax.trainer import train
+from gptjax.train.trainer import train
 
 
 def quiet(_):
@@ -103,6 +103,6 @@ def test_a_bpe_run_carries_its_tokenizer_and_a_fine_tune_keeps_it(corpus, tmp_pa
     assert load(tmp_path / "tuned").tokenizer.ranks_text == learned
 
     with pytest.raises(UserError, match="--data.tokenizer=bpe .* cannot be exported"):
-        from gptjax.hf import save_hf
+        from gptjax.weights.hf import save_hf
 
         save_hf(model.config, model.params, tmp_path / "hf")

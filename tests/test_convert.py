@@ -22,13 +22,13 @@ transformers.logging.disable_progress_bar()
 
 import gptjax  # noqa: E402
 from conftest import JAX_CACHE_ENV, ROOT  # noqa: E402
-from gptjax import convert, hf  # noqa: E402
-from gptjax.checkpoint import flatten, unflatten  # noqa: E402
+from gptjax.weights import convert, hf  # noqa: E402
+from gptjax.weights.checkpoint import flatten, unflatten  # noqa: E402
 from gptjax.config import Config, DataConfig, ModelConfig  # noqa: E402
 from gptjax.options import parse_args  # noqa: E402
 from gptjax.errors import UserError  # noqa: E402
-from gptjax.generate import generate_ids  # noqa: E402
-from gptjax.model import GPT  # noqa: E402
+from gptjax.inference.generate import generate_ids  # noqa: E402
+from gptjax.model.gpt import GPT  # noqa: E402
 
 # odd widths and head counts, a full and a small vocabulary, short contexts
 SHAPES = {

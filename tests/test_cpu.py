@@ -9,7 +9,7 @@ import pytest
 
 PROBE = """
 import resource, statistics
-from gptjax.cpu import tune_for_cpu
+from gptjax.runtime.cpu import tune_for_cpu
 took = "reused host memory" in tune_for_cpu()
 import jax, jax.numpy as jnp
 # as in a training step, a large temporary (sin(x), 64 MiB) is allocated and freed inside every call

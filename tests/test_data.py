@@ -187,7 +187,7 @@ def test_shards_written_by_another_program(tmp_path):
 
 
 def test_a_run_trains_on_several_folders(tmp_path):
-    from gptjax.trainer import train
+    from gptjax.train.trainer import train
 
     shards = halves(tmp_path)
     cfg = tiny_config(tmp_path / "run", "", max_steps=4, eval_interval=2, ckpt_interval=4)

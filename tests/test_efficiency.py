@@ -13,9 +13,9 @@ import pytest
 from flax import nnx
 
 from gptjax.config import ModelConfig
-from gptjax.loss import chunked_cross_entropy, cross_entropy
-from gptjax.model import GPT, attention_implementation
-from gptjax.step import make_train_step
+from gptjax.model.loss import chunked_cross_entropy, cross_entropy
+from gptjax.model.gpt import GPT, attention_implementation
+from gptjax.train.step import make_train_step
 
 
 def split_model(**kw):

@@ -165,7 +165,7 @@ def run_eval(*args, env=None):
 
 def test_training_scores_tasks_and_the_command_line_evaluates(task_run, tmp_path):
     from gptjax import load
-    from gptjax.trainer import train
+    from gptjax.train.trainer import train
 
     run, corpus, task, history = task_run.run, task_run.corpus, task_run.task, task_run.history
     with pytest.raises(UserError, match="task file .*missing.jsonl does not exist"):
@@ -179,7 +179,7 @@ def test_training_scores_tasks_and_the_command_line_evaluates(task_run, tmp_path
     assert [r["step"] for r in logged] == [0, 3, 6] and all({"mc/acc", "mc/acc_norm"} <= set(r) for r in logged)
     assert logged[-1]["mc/acc_norm"] == at_end["acc_norm"]
     if importlib.util.find_spec("matplotlib"):  # the plot grows a panel of task accuracies
-        from gptjax.plot import plot
+        from gptjax.train.plot import plot
 
         png = plot([run], tmp_path / "loss.png").read_bytes()
         # three loss panels (steps, tokens, seconds), 6 inches each at 120 dpi, and the tasks' fourth

@@ -27,7 +27,7 @@ import pytest
 
 from conftest import ARGS, JAX_CACHE_ENV, ROOT, losses, make_corpus, start
 from gptjax import load
-from gptjax.checkpoint import CHECKPOINTS, TMP_SUFFIX, CheckpointVanished, list_steps, read_meta
+from gptjax.weights.checkpoint import CHECKPOINTS, TMP_SUFFIX, CheckpointVanished, list_steps, read_meta
 from gptjax.config import DataConfig
 from gptjax.data import prepare
 from gptjax.errors import UserError
@@ -179,10 +179,11 @@ def test_a_full_disk_while_preparing_data_keeps_the_work_done(small_disk, tmp_pa
 
 
 def test_metrics_plot_and_conversion_on_a_full_disk(small_disk, tmp_path):
-    from gptjax import hf, plot
+    from gptjax.train import plot
+    from gptjax.weights import hf
     from gptjax.config import Config, ModelConfig
-    from gptjax.hf import abstract_params
-    from gptjax.metrics import MetricsLog
+    from gptjax.weights.hf import abstract_params
+    from gptjax.train.metrics import MetricsLog
 
     run = small_disk / "run"
     run.mkdir()
@@ -273,10 +274,10 @@ def test_the_next_newest_is_read_when_the_chosen_one_is_deleted_under_the_reader
     """The race of the test above, made certain: retention deletes the checkpoint that load() chose
     after it chose it and before it read the parameters."""
     from conftest import tiny_config
-    from gptjax import weights
-    from gptjax.checkpoint import Checkpointer
+    from gptjax.weights import sources as weights
+    from gptjax.weights.checkpoint import Checkpointer
     from gptjax.options import to_dict
-    from gptjax.start import init_model, resolve
+    from gptjax.train.setup import init_model, resolve
 
     run = tmp_path / "run"
     cfg = resolve(tiny_config(run, tmp_path / "corpus"))
@@ -303,7 +304,7 @@ def test_the_next_newest_is_read_when_the_chosen_one_is_deleted_under_the_reader
 def test_a_vanished_checkpoint_is_not_called_corrupt(tmp_path):
     import jax.numpy as jnp
 
-    from gptjax.checkpoint import Checkpointer
+    from gptjax.weights.checkpoint import Checkpointer
 
     ckpt = Checkpointer(tmp_path, keep=5)
     for step in (1, 2, 3):

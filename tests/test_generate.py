@@ -5,10 +5,10 @@ import pytest
 from flax import nnx
 
 from gptjax import load
-from gptjax.timing import BACKEND_COMPILE, compile_durations
+from gptjax.runtime.timing import BACKEND_COMPILE, compile_durations
 from gptjax.config import ModelConfig
-from gptjax.generate import bucket, filter_logits, generate_ids, stream_ids
-from gptjax.model import GPT
+from gptjax.inference.generate import bucket, filter_logits, generate_ids, stream_ids
+from gptjax.model.gpt import GPT
 
 
 def small(pos="learned"):

@@ -17,8 +17,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from conftest import ROOT, make_corpus
-from gptjax import hf
-from gptjax.checkpoint import flatten
+from gptjax.weights import hf
+from gptjax.weights.checkpoint import flatten
 
 # the full GPT-2 vocabulary (fine-tuning tokenizes with it), everything else tiny
 SHAPE = dict(n_layer=2, n_head=2, n_embd=16, n_positions=16, vocab_size=50257)
@@ -63,10 +63,10 @@ import numpy as np
 from safetensors.numpy import load_file
 
 import gptjax
-from gptjax import convert
+from gptjax.weights import convert
 from gptjax.errors import UserError
 from gptjax.options import parse_args
-from gptjax.trainer import Trainer
+from gptjax.train.trainer import Trainer
 
 hf, tmp = Path(sys.argv[1]), Path(sys.argv[2])
 written = load_file(hf / "model.safetensors")
@@ -76,7 +76,7 @@ model = gptjax.load(f"hf:{hf}")
 assert np.array_equal(np.asarray(model.params["h"][0]["attn"]["c_attn"]["kernel"]),
                       written["transformer.h.0.attn.c_attn.weight"])
 
-# python -m gptjax.convert from-hf, then to-hf: the same tensors, bit for bit
+# python -m gptjax.weights.convert from-hf, then to-hf: the same tensors, bit for bit
 convert.main(["from-hf", str(hf), str(tmp / "run")])
 convert.main(["to-hf", str(tmp / "run"), str(tmp / "back")])
 back = load_file(tmp / "back" / "model.safetensors")

@@ -32,10 +32,10 @@ from conftest import PATIENT_COLLECTIVES, ROOT, tiny_config
 from gptjax.config import DistConfig
 from gptjax.options import parse_args, to_toml
 from gptjax.data import Dataset, train_batch
-from gptjax.distributed import detect_cluster
+from gptjax.train.distributed import detect_cluster
 from gptjax.errors import UserError
-from gptjax.parallel import plan_batch
-from gptjax.trainer import train
+from gptjax.train.parallel import plan_batch
+from gptjax.train.trainer import train
 
 RTOL = 1e-6
 WORKER = str(ROOT / "tests" / "layout_worker.py")
@@ -129,7 +129,7 @@ def scanned(cfg, scan: bool):
 def test_fsdp_holds_an_eighth_of_the_state_per_device():
     code = (f"import os; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8 {PATIENT_COLLECTIVES}'; "
             "import json; "
-            "from gptjax.options import parse_args; from gptjax.memory import report; "
+            "from gptjax.options import parse_args; from gptjax.bench.memory import report; "
             "print(json.dumps(report(parse_args(['--train.devices=8', '--data.tokenizer=byte', '--model.n_layer=2', "
             "'--model.n_embd=128', '--model.block_size=64']))))")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

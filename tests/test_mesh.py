@@ -8,8 +8,8 @@ from jax.sharding import PartitionSpec as P
 from gptjax.config import ModelConfig, TrainConfig
 from gptjax.errors import UserError
 from gptjax.options import parse_args
-from gptjax.parallel import Fsdp, Pmap, parse_mesh
-from gptjax.start import model_init
+from gptjax.train.parallel import Fsdp, Pmap, parse_mesh
+from gptjax.train.setup import model_init
 
 
 def test_mesh_sizes_and_their_mistakes():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gptjax.checkpoint import flatten
+from gptjax.weights.checkpoint import flatten
 from gptjax.config import ModelConfig
-from gptjax.model import GPT, count_params
+from gptjax.model.gpt import GPT, count_params
 
 
 def build(**kw):
@@ -165,7 +165,7 @@ def test_modern_options_shapes_and_names():
 
 def test_rotary_encoding_turns_by_relative_position():
     """With RoPE, a query-key score depends on the distance between the positions only."""
-    from gptjax.model import rotary
+    from gptjax.model.gpt import rotary
 
     q = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
     k = jax.random.normal(jax.random.key(1), (1, 1, 1, 8))
@@ -175,7 +175,7 @@ def test_rotary_encoding_turns_by_relative_position():
 
 
 def test_auto_dtype_is_a_concrete_choice():
-    from gptjax.precision import auto_dtype
+    from gptjax.runtime.precision import auto_dtype
 
     dtype, why = auto_dtype()
     assert dtype in ("float32", "bfloat16") and why

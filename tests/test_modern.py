@@ -14,7 +14,7 @@ from gptjax import data, load
 from gptjax.config import ModelConfig
 from gptjax.errors import UserError
 from gptjax.tokenizer import get_tokenizer
-from gptjax.trainer import train
+from gptjax.train.trainer import train
 
 MODERN = dict(pos_encoding="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", n_head=4, n_kv_head=2,
               tie_embeddings=False, bias=False)
@@ -98,7 +98,7 @@ def test_bits_per_byte_in_metrics_and_on_a_loaded_model(corpus, tmp_path):
 
 
 def test_sampling_dtype_and_export_of_a_modern_model(corpus, tmp_path):
-    from gptjax.hf import save_hf
+    from gptjax.weights.hf import save_hf
 
     train(modern_config(tmp_path / "run", corpus, max_steps=2), log=quiet)
     f32 = load(tmp_path / "run", dtype="float32")

@@ -85,7 +85,7 @@ def test_path_options_and_readers_expand_home(home):
     from gptjax.data.shards import shard_folders
     from gptjax.data.sources import corpus_files
     from gptjax.eval.tasks import read_task
-    from gptjax.hf import hf_folder
+    from gptjax.weights.hf import hf_folder
     from gptjax.tokenizer import get_tokenizer
 
     make_corpus(home / "corpus", n_docs=3)
@@ -107,8 +107,9 @@ def test_path_options_and_readers_expand_home(home):
 
 def test_training_converting_and_plotting_under_home(home, tmp_path):
     """--out_dir, --data.dir, --data.corpus and --train.init_from under ~, then convert and plot there."""
-    from gptjax import convert, plot
-    from gptjax.trainer import train
+    from gptjax.train import plot
+    from gptjax.weights import convert
+    from gptjax.train.trainer import train
 
     make_corpus(home / "corpus", n_docs=8)
     cfg = tiny_config("~/tuned", "~/corpus", max_steps=2, eval_interval=2, ckpt_interval=2, init_from="~/run")

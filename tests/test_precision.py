@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 from conftest import ARGS, JAX_CACHE_ENV, ROOT, start
-from gptjax import precision
+from gptjax.runtime import precision
 from gptjax.config import ModelConfig
 from gptjax.errors import UserError
-from gptjax.model import GPT
+from gptjax.model.gpt import GPT
 
 # (GPTJAX_HARDWARE, what auto must choose, words of the reason the run's header gives)
 BRANCHES = {

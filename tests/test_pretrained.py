@@ -10,8 +10,8 @@ from flax import nnx
 
 from gptjax.config import Config, DataConfig, ModelConfig
 from gptjax.errors import UserError
-from gptjax.model import GPT
-from gptjax.pretrained import Pretrained
+from gptjax.model.gpt import GPT
+from gptjax.inference.pretrained import Pretrained
 
 T = 32
 

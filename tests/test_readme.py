@@ -60,17 +60,17 @@ RUN = {
     # trained at the tiny shape, since the run's point here is reading shards prepared apart
     "python -m gptjax.data prepare --config=gpt2-124m --data.corpus='fineweb/*.parquet' --data.dir=shards/fineweb": "",
     "python train.py --config=gpt2-124m --data.dir=shards/fineweb": f"{TRAIN} --train.grad_accum=1",
-    "python -m gptjax.convert from-hf gpt2 out/gpt2": "",
+    "python -m gptjax.weights.convert from-hf gpt2 out/gpt2": "",
     "python sample.py --checkpoint=hf:gpt2 --prompt='The meaning of life is'": SAMPLE,
     # the source's model shape: only training options are appended
     "python train.py --train.init_from=out/gpt2 --data.corpus=my.txt --out_dir=out/tuned": FEW_STEPS,
-    "python -m gptjax.convert to-hf out/tuned tuned-hf": "",
+    "python -m gptjax.weights.convert to-hf out/tuned tuned-hf": "",
     "python -m gptjax.eval out/run --text=held_out.txt": "",
     # the gpt2 folder here is the tiny cpu-gpt2 run's, of a 32-token context
     "python -m gptjax.eval hf:gpt2 --text='wiki/*.jsonl.zst' --stride=512 --batch_size=16": "--stride=16",
     "python -m gptjax.eval out/run --task=hellaswag_val.jsonl,lambada.jsonl --output=eval.json": "",
-    "python -m gptjax.memory --config=gpt2-1.5b --train.devices=8": f"{TINY} --train.batch_size=8 --train.grad_accum=1",
-    "python -m gptjax.memory --config=gpt2-1.5b --train.devices=8 --train.remat=block":
+    "python -m gptjax.bench.memory --config=gpt2-1.5b --train.devices=8": f"{TINY} --train.batch_size=8 --train.grad_accum=1",
+    "python -m gptjax.bench.memory --config=gpt2-1.5b --train.devices=8 --train.remat=block":
         f"{TINY} --train.batch_size=8 --train.grad_accum=1",
     "export XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu": "",
     "for i in 0 1; do\npython train.py --config=char --out_dir=out/two --train.max_steps=30 "
@@ -167,8 +167,8 @@ STEPS = [
     run("two processes", "export XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu", TWO_PROCESSES,
         "python sample.py --checkpoint=out/two --prompt='def '"),
     run("train cpu-gpt2", "python train.py --config=cpu-gpt2 --out_dir=out/gpt2-arch"),
-    Step("set-up: the gpt2 folder", "python -m gptjax.convert to-hf out/gpt2-arch gpt2", after=("train cpu-gpt2",)),
-    run("from-hf", "python -m gptjax.convert from-hf gpt2 out/gpt2", after=("set-up: the gpt2 folder",)),
+    Step("set-up: the gpt2 folder", "python -m gptjax.weights.convert to-hf out/gpt2-arch gpt2", after=("train cpu-gpt2",)),
+    run("from-hf", "python -m gptjax.weights.convert from-hf gpt2 out/gpt2", after=("set-up: the gpt2 folder",)),
     run("fine-tune", "python train.py --train.init_from=out/gpt2 --data.corpus=my.txt --out_dir=out/tuned",
         after=("from-hf",)),
     *[run(f"sample {i}", c, after=("train",)) for i, c in enumerate(SAMPLES, 1)],
@@ -180,7 +180,7 @@ STEPS = [
     run("resume", "python train.py --train.resume=true",
         after=("python blocks", "eval text", "eval tasks", *[f"sample {i}" for i in range(1, len(SAMPLES) + 1)])),
     run("train char", "python train.py --config=char --train.max_steps=200"),
-    Step("plot", "python -m gptjax.plot out/run && python -m gptjax.plot out/run out/char --out=runs.png",
+    Step("plot", "python -m gptjax.train.plot out/run && python -m gptjax.train.plot out/run out/char --out=runs.png",
          after=("resume", "train char")),
     Step("gptjax plot", "gptjax plot out/run --out=by-gptjax.png", after=("resume",)),
     run("train mine", "python train.py --data.corpus='my_texts/**/*.txt' --out_dir=out/mine --model.n_layer=6"),
@@ -193,13 +193,13 @@ STEPS = [
          after=("set-up: the gpt2 folder",)),
     run("eval hf:gpt2", "python -m gptjax.eval hf:gpt2 --text='wiki/*.jsonl.zst' --stride=512 --batch_size=16",
         after=("set-up: the gpt2 folder",)),
-    run("to-hf", "python -m gptjax.convert to-hf out/tuned tuned-hf", after=("fine-tune",)),
+    run("to-hf", "python -m gptjax.weights.convert to-hf out/tuned tuned-hf", after=("fine-tune",)),
     run("prepare fineweb",
         "python -m gptjax.data prepare --config=gpt2-124m --data.corpus='fineweb/*.parquet' --data.dir=shards/fineweb"),
     run("train fineweb", "python train.py --config=gpt2-124m --data.dir=shards/fineweb", after=("prepare fineweb",)),
-    # gptjax.memory asks for --train.devices simulated devices itself, unless XLA_FLAGS already names a count
-    run("memory", "python -m gptjax.memory --config=gpt2-1.5b --train.devices=8", env={"XLA_FLAGS": None}),
-    run("memory remat", "python -m gptjax.memory --config=gpt2-1.5b --train.devices=8 --train.remat=block",
+    # gptjax.bench.memory asks for --train.devices simulated devices itself, unless XLA_FLAGS already names a count
+    run("memory", "python -m gptjax.bench.memory --config=gpt2-1.5b --train.devices=8", env={"XLA_FLAGS": None}),
+    run("memory remat", "python -m gptjax.bench.memory --config=gpt2-1.5b --train.devices=8 --train.remat=block",
         env={"XLA_FLAGS": None}),
     # the "One command" table: each row's help against the help of what it is the same as
     *[Step(f"{ours} --help", f"{ours} --help > ../help-{i}-ours.txt && {same} --help > ../help-{i}-same.txt")

@@ -12,12 +12,12 @@ import pytest
 
 from conftest import JAX_CACHE_ENV, ROOT, STEPS, losses, run_until, start, tiny_config
 from gptjax import data, load
-from gptjax.checkpoint import Checkpointer
+from gptjax.weights.checkpoint import Checkpointer
 from gptjax.config import DataConfig
 from gptjax.errors import UserError
-from gptjax.metrics import Progress
-from gptjax.oom import is_out_of_memory, out_of_memory_error
-from gptjax.trainer import train
+from gptjax.train.metrics import Progress
+from gptjax.train.oom import is_out_of_memory, out_of_memory_error
+from gptjax.train.trainer import train
 
 
 def quiet(_):
@@ -118,8 +118,8 @@ def test_each_kind_of_damage_is_named_for_what_it_is(tmp_path, monkeypatch):
     cannot be decoded; a missing piece is incomplete; intact arrays of other shapes belong to another model."""
     import shutil
 
-    from gptjax import checkpoint
-    from gptjax.checkpoint import read_meta, read_state
+    from gptjax.weights import checkpoint
+    from gptjax.weights.checkpoint import read_meta, read_state
 
     monkeypatch.setattr(checkpoint, "VANISH_GRACE_S", 0.0)  # nothing is being deleted here
     # arrays over orbax's 1 kB inline limit, so that each is stored in files of its own
@@ -186,7 +186,7 @@ def test_an_error_of_the_call_is_raised_as_it_is_and_not_called_corrupt(task_run
     the checkpoint and that its files are not known to be damaged."""
     import orbax.checkpoint as ocp
 
-    from gptjax.sample import main as sample
+    from gptjax.inference.sample import main as sample
 
     def refuse(*args, **kwargs):
         raise error
@@ -206,7 +206,7 @@ def test_other_readers_and_writers_raise_a_failed_call_as_it_is(tmp_path, monkey
     reading one is not. A checkpoint write that fails for another reason than the disk keeps its own cause."""
     import numpy as np
 
-    from gptjax import hf
+    from gptjax.weights import hf
 
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 1,
@@ -260,7 +260,7 @@ def test_shared_shards_of_another_tokenizer_are_refused(corpus, tmp_path):
 
 
 def test_out_of_memory_names_what_would_fit(corpus, tmp_path, monkeypatch):
-    from gptjax import parallel
+    from gptjax.train import parallel
 
     def oom(*args, **kwargs):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes.")
@@ -293,12 +293,12 @@ def test_plot_writes_a_png(corpus, tmp_path):
     for name in ("a", "b"):
         train(tiny_config(tmp_path / name, corpus, max_steps=6, eval_interval=3, log_interval=1), log=quiet)
     env = {**os.environ, "XLA_FLAGS": "", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "gptjax.plot", str(tmp_path / "a"), str(tmp_path / "b"),
+    proc = subprocess.run([sys.executable, "-m", "gptjax.train.plot", str(tmp_path / "a"), str(tmp_path / "b"),
                            f"--out={tmp_path / 'loss.png'}"], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     png = (tmp_path / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
-    proc = subprocess.run([sys.executable, "-m", "gptjax.plot", str(tmp_path / "missing")], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "gptjax.train.plot", str(tmp_path / "missing")], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr

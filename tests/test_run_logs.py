@@ -16,9 +16,9 @@ import pytest
 from conftest import tiny_config
 from gptjax.errors import UserError
 from gptjax.options import to_dict
-from gptjax.start import resolve
-from gptjax.trainer import train
-from gptjax.wandb_log import WandbLog
+from gptjax.train.setup import resolve
+from gptjax.train.trainer import train
+from gptjax.train.wandb_log import WandbLog
 
 HAS_WANDB = importlib.util.find_spec("wandb") is not None
 HAS_TENSORBOARD = all(importlib.util.find_spec(m) is not None for m in ("tensorboardX", "tensorboard"))

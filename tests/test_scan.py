@@ -1,5 +1,5 @@
 """--model.scan_layers: the blocks stacked on a layer axis and scanned compute what the per-layer
-blocks compute, train alike, and checkpoints move between the two layouts (gptjax.stacked).
+blocks compute, train alike, and checkpoints move between the two layouts (gptjax.model.stacked).
 The 8-device layouts, scanned among them, are in tests/test_layouts.py."""
 
 import dataclasses
@@ -12,11 +12,11 @@ from flax import nnx
 
 import gptjax
 from conftest import tiny_config
-from gptjax import hf
-from gptjax.checkpoint import flatten
-from gptjax.model import GPT
-from gptjax.stacked import relayout
-from gptjax.trainer import train
+from gptjax.weights import hf
+from gptjax.weights.checkpoint import flatten
+from gptjax.model.gpt import GPT
+from gptjax.model.stacked import relayout
+from gptjax.train.trainer import train
 from test_model import VARIANTS, build, decode, tokens
 
 

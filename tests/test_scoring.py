@@ -15,12 +15,12 @@ import pytest
 from flax import nnx
 
 from gptjax.config import Config, DataConfig, ModelConfig
-from gptjax.convert import save_run
+from gptjax.weights.convert import save_run
 from gptjax.eval.score import Scorer
 from gptjax.eval.text import score_text
-from gptjax.model import GPT
-from gptjax.pretrained import Pretrained
-from gptjax.step import make_eval_step
+from gptjax.model.gpt import GPT
+from gptjax.inference.pretrained import Pretrained
+from gptjax.train.step import make_eval_step
 
 T = 32
 TEXT = "def f(x):\n    return x * 2 + 1\n"  # 31 bytes: one window of the context, from its start
@@ -128,7 +128,7 @@ def test_lm_eval_and_the_quality_bench(variant, tmp_path):
     run = save_run(m.config, m.params, tmp_path / "run", source="test")
     ids = [m.tokenizer.eot_id, *m.tokenizer.encode(TEXT)]
     expected = direct_logp(m, ids)
-    from gptjax.bench_quality import score
+    from gptjax.bench.quality import score
 
     assert score(run, [TEXT]) == pytest.approx(-expected.sum() / (len(TEXT.encode()) * math.log(2)), rel=1e-5)
     harness = pytest.importorskip("gptjax.eval.harness", reason="the lm-eval extra is not installed")

@@ -9,13 +9,13 @@ from flax import nnx
 
 from conftest import tiny_config
 from gptjax import load
-from gptjax.checkpoint import Checkpointer
+from gptjax.weights.checkpoint import Checkpointer
 from gptjax.config import ModelConfig, TrainConfig
 from gptjax.errors import UserError
-from gptjax.model import GPT
-from gptjax.optim import learning_rate, make_optimizer
-from gptjax.step import make_train_step
-from gptjax.trainer import train
+from gptjax.model.gpt import GPT
+from gptjax.train.optim import learning_rate, make_optimizer
+from gptjax.train.step import make_train_step
+from gptjax.train.trainer import train
 
 
 def quiet(_):
@@ -148,7 +148,7 @@ def test_fine_tune_from_a_run_directory(corpus, tmp_path):
     assert tuned["val_loss"][0] == pytest.approx(base["val_loss"][6], rel=1e-6)
     assert load(tmp_path / "tuned").config.model.n_embd == 32
     # a fine-tune reads its source's tokens, whatever tokenizer the preset names
-    from gptjax.start import adopt_source_model
+    from gptjax.train.setup import adopt_source_model
 
     other = dataclasses.replace(cfg, out_dir=str(tmp_path / "other"), data=dataclasses.replace(cfg.data, tokenizer="gpt2"))
     adopted, source = adopt_source_model(other)

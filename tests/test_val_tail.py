@@ -16,7 +16,7 @@ from gptjax import data
 from gptjax.config import DataConfig
 from gptjax.data import documents, workers
 from gptjax.data.sources import Problems, Reader
-from gptjax.disk import fmt_bytes
+from gptjax.runtime.disk import fmt_bytes
 from gptjax.tokenizer import get_tokenizer
 
 SMALL = dict(piece_chars=300, max_piece_chars=2000, chunk_chars=1500)  # many pieces and chunks from little text

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from gptjax.data.pipeline import prepare
 from gptjax.errors import UserError, cli
-from gptjax.malloc import return_large_blocks
+from gptjax.runtime.malloc import return_large_blocks
 from gptjax.options import parse_args
 
 INTRO = ("Tokenize a corpus into a folder of token shards (train.bin, val.bin, meta.json) on every core. The\n"

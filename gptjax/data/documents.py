@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from gptjax.config import DataConfig
 from gptjax.data.sources import Problems, Reader, file_format, next_cut
-from gptjax.disk import fmt_bytes
+from gptjax.runtime.disk import fmt_bytes
 
 
 def in_val(index: int, fraction: float) -> bool:

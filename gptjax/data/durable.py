@@ -10,7 +10,7 @@ import signal
 import threading
 from pathlib import Path
 
-from gptjax import disk, locks
+from gptjax.runtime import disk, locks
 
 
 def write_text(path: Path, text: str) -> None:

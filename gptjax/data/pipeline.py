@@ -31,14 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-from gptjax import disk
+from gptjax.runtime import disk
 from gptjax.config import DataConfig
 from gptjax.data import documents, durable
 from gptjax.data.shards import FORMAT_VERSION, SPLITS, TOKENIZER_FILE, Dataset, open_folder, read_meta
 from gptjax.data.sources import MAX_PIECE_CHARS, PIECE_CHARS, Problems, Reader, corpus_files
 from gptjax.data.workers import TokenizerPool, WorkerError
 from gptjax.errors import UserError
-from gptjax.metrics import fmt_time
+from gptjax.train.metrics import fmt_time
 from gptjax.tokenizer import Tokenizer, bpe_tokenizer, get_tokenizer, learn_bpe, ranks_to_text
 
 CHUNK_CHARS = 1 << 20  # characters of text per chunk of work

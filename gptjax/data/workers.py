@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from gptjax.malloc import return_large_blocks
+from gptjax.runtime.malloc import return_large_blocks
 
 # A chunk is a list of pieces: (text, split, ends_document), split 0 for train and 1 for validation.
 # Its result: the token ids of each split (documents followed by end-of-text) and their UTF-8 bytes.

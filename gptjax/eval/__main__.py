@@ -7,9 +7,11 @@ import json
 import sys
 import time
 
-from gptjax import paths, precision
+from gptjax import paths
+
+from gptjax.runtime import precision
 from gptjax.config import EvalConfig
-from gptjax.cpu import tune_for_cpu
+from gptjax.runtime.cpu import tune_for_cpu
 from gptjax.data.sources import corpus_files
 from gptjax.errors import UserError, cli
 from gptjax.options import parse_flat, to_dict
@@ -65,7 +67,7 @@ def main(argv: list[str]) -> dict:
     from gptjax.eval.score import Scorer
     from gptjax.eval.tasks import read_tasks, score_task, summary
     from gptjax.eval.text import check_stride, score_text
-    from gptjax.pretrained import load
+    from gptjax.inference.pretrained import load
 
     model = load(cfg.checkpoint, None if cfg.step < 0 else cfg.step, None if cfg.dtype == "checkpoint" else cfg.dtype)
     T = model.config.model.block_size

@@ -27,7 +27,7 @@ from lm_eval.api.registry import model_registry
 
 from gptjax.eval.score import Scorer, sliding_windows
 from gptjax.eval.text import check_stride
-from gptjax.pretrained import load
+from gptjax.inference.pretrained import load
 
 DEFAULT_BATCH = 8
 MAX_GEN_TOKS = 256  # the harness's default for generation requests that do not say

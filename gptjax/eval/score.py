@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gptjax.generate import bucket
+from gptjax.inference.generate import bucket
 
 LOGITS_CHUNK = 2048  # positions whose logits exist at once
 

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax.errors import UserError
-from gptjax.model import compute_dtype
+from gptjax.model.gpt import compute_dtype
 
 SMALLEST_BUCKET = 16
 CHECK_EVERY = 16  # tokens decoded between two checks of should_end (stop strings)

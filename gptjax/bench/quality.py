@@ -65,7 +65,7 @@ def arm_options(spec: str) -> list[str]:
 def _arm_worker(conn, options: list[str]) -> None:
     """One arm's training step in a process of its own (as train.py will run it): compile, settle, then
     time as many steps as asked, until told to stop."""
-    from gptjax.bench_train import GptjaxRunner, configure
+    from gptjax.bench.train import GptjaxRunner, configure
 
     runner = GptjaxRunner(configure(options))
     runner(2)  # compile and settle
@@ -149,7 +149,7 @@ def score(run_dir: Path, docs: list[str], batch: int = 16) -> float:
     """Bits per byte of `docs`, each scored from its start in windows of the model's context that do not
     overlap, through the one scorer (gptjax.eval.score)."""
     from gptjax.eval.score import Scorer, sliding_windows
-    from gptjax.pretrained import load
+    from gptjax.inference.pretrained import load
 
     model = load(run_dir)
     T, tok = model.config.model.block_size, model.tokenizer
@@ -160,7 +160,7 @@ def score(run_dir: Path, docs: list[str], batch: int = 16) -> float:
 
 
 def bench_quality(args, rest: list[str]) -> None:
-    from gptjax.bench_data import cpu_name
+    from gptjax.bench.data import cpu_name
 
     if rest:
         raise SystemExit(f"error: unexpected arguments {' '.join(rest)}; arms take their options after a colon "

@@ -26,18 +26,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import cpu
-from gptjax.timing import compile_seconds
+from gptjax.runtime import cpu
+from gptjax.runtime.timing import compile_seconds
 from gptjax.config import Config
 from gptjax.options import parse_args
-from gptjax.metrics import flops_per_token, peak_flops
-from gptjax.model import attention_implementation, compute_dtype, count_params
-from gptjax.optim import make_optimizer
-from gptjax.parallel import STRATEGIES, select_devices
-from gptjax import precision
-from gptjax.precision import matmul_rate
-from gptjax.oom import is_out_of_memory
-from gptjax.start import init_model
+from gptjax.train.metrics import flops_per_token, peak_flops
+from gptjax.model.gpt import attention_implementation, compute_dtype, count_params
+from gptjax.train.optim import make_optimizer
+from gptjax.train.parallel import STRATEGIES, select_devices
+from gptjax.runtime import precision
+from gptjax.runtime.precision import matmul_rate
+from gptjax.train.oom import is_out_of_memory
+from gptjax.train.setup import init_model
 
 REFERENCE = ["--model.n_layer=6", "--model.n_head=6", "--model.n_embd=384", "--model.block_size=256",
              "--model.vocab_size=50304", "--train.batch_size=8"]
@@ -142,7 +142,7 @@ def configure(rest: list[str]) -> Config:
     argv = rest if any(a.startswith("--config") for a in rest) else REFERENCE + rest
     cfg = parse_args(argv, prog="python -m gptjax.bench train")
     if not cfg.model.vocab_size:
-        from gptjax.start import resolve
+        from gptjax.train.setup import resolve
 
         cfg = resolve(cfg)
     return cfg

@@ -1,16 +1,16 @@
 """Pretrain a GPT: `gptjax train` or `python train.py` [--config=PRESET] [--section.key=value ...] (see --help).
 
-The command-line front of gptjax.trainer. It lives in the package so that an installed gptjax has it;
+The command-line front of gptjax.train.trainer. It lives in the package so that an installed gptjax has it;
 the top-level train.py runs it.
 """
 
 import signal
 import sys
 
-from gptjax.cpu import tune_for_cpu
+from gptjax.runtime.cpu import tune_for_cpu
 from gptjax.errors import cli
 from gptjax.options import parse_args
-from gptjax.trainer import train
+from gptjax.train.trainer import train
 
 INTRO = ("Pretrain a GPT on a text corpus. With no options: a small model on the Python standard\n"
          "library's source, on this machine's CPU. Options come from a preset (--config) and then\n"

@@ -5,9 +5,9 @@
   python -m gptjax.bench data [--data.corpus=SPEC --data.workers=N ...] [--sample-mb 64]
   python -m gptjax.bench quality [--budget 300] [--arms gpt2,rope,...,NAME:OPTIONS] [--half] [--steps N]
 
-`sample` times decoding (gptjax.bench_sample), `train` the training step (gptjax.bench_train),
-`data` the preparation of token shards (gptjax.bench_data) and `quality` what each option reaches
-in a fixed time (gptjax.bench_quality); each module's docstring says what it measures. Each is imported only when asked for, so that `data` starts no JAX runtime.
+`sample` times decoding (gptjax.bench.sample), `train` the training step (gptjax.bench.train),
+`data` the preparation of token shards (gptjax.bench.data) and `quality` what each option reaches
+in a fixed time (gptjax.bench.quality); each module's docstring says what it measures. Each is imported only when asked for, so that `data` starts no JAX runtime.
 """
 
 from __future__ import annotations
@@ -16,29 +16,29 @@ import argparse
 
 from gptjax.errors import cli
 
-MODELS = ("gpt2-124m", "reference")  # the shapes in gptjax.bench_sample.MODELS
+MODELS = ("gpt2-124m", "reference")  # the shapes in gptjax.bench.sample.MODELS
 
 
 def _bench_sample(args, rest) -> None:
-    from gptjax.bench_sample import bench_sample
+    from gptjax.bench.sample import bench_sample
 
     bench_sample(args)
 
 
 def _bench_train(args, rest) -> None:
-    from gptjax.bench_train import bench_train
+    from gptjax.bench.train import bench_train
 
     bench_train(args, rest)
 
 
 def _bench_quality(args, rest) -> None:
-    from gptjax.bench_quality import bench_quality
+    from gptjax.bench.quality import bench_quality
 
     bench_quality(args, rest)
 
 
 def _bench_data(args, rest) -> None:
-    from gptjax.bench_data import bench_data
+    from gptjax.bench.data import bench_data
 
     bench_data(args, rest)
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     quality.set_defaults(run=_bench_quality)
     args, rest = parser.parse_known_args(argv)
     if args.command in ("train", "quality"):
-        from gptjax.cpu import tune_for_cpu
+        from gptjax.runtime.cpu import tune_for_cpu
 
         tune_for_cpu()  # as train.py does, before JAX starts its runtime
     if args.command == "sample" and rest:

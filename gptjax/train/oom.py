@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gptjax import disk, precision
+from gptjax.runtime import disk, precision
 from gptjax.config import Config
 from gptjax.errors import UserError
 

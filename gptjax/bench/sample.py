@@ -20,9 +20,9 @@ import numpy as np
 from flax import nnx
 
 from gptjax.config import ModelConfig
-from gptjax.generate import generate_ids, output_matrix
-from gptjax.model import GPT, count_params
-from gptjax.timing import compile_seconds, median_time
+from gptjax.inference.generate import generate_ids, output_matrix
+from gptjax.model.gpt import GPT, count_params
+from gptjax.runtime.timing import compile_seconds, median_time
 
 MODELS = {  # the reference shape of the CPU figures, and GPT-2 small for accelerators
     "reference": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=50304),

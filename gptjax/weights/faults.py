@@ -15,7 +15,7 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
-from gptjax import disk
+from gptjax.runtime import disk
 
 # tensorstore's status codes (each of its messages starts with one) that say what is wrong with a file it
 # read; a zstd chunk that does not decompress is FAILED_PRECONDITION

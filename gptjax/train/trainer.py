@@ -23,21 +23,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import data as data_lib
-from gptjax import disk, distributed, oom, start, wandb_log
-from gptjax.checkpoint import CHECKPOINTS, Checkpointer, checkpoint_bytes, list_steps, remove_partial
+from gptjax.runtime import disk
+from gptjax.train import distributed, oom, setup as start, wandb_log
+from gptjax.weights.checkpoint import CHECKPOINTS, Checkpointer, checkpoint_bytes, list_steps, remove_partial
 from gptjax.config import Config
 from gptjax.options import to_dict, to_toml
 from gptjax.errors import UserError
 from gptjax.eval.score import Scorer
 from gptjax.eval.tasks import read_tasks, score_task
-from gptjax.generate import generate_ids
-from gptjax.metrics import MetricsLog, Progress, Rate, flops_per_token, fmt_time, peak_flops
-from gptjax.model import count_params
-from gptjax.optim import learning_rate, make_optimizer
-from gptjax.parallel import STRATEGIES, describe, parse_mesh, plan_batch, select_devices
-from gptjax import precision
-from gptjax.signals import StopRequest
-from gptjax.stacked import relayout
+from gptjax.inference.generate import generate_ids
+from gptjax.train.metrics import MetricsLog, Progress, Rate, flops_per_token, fmt_time, peak_flops
+from gptjax.model.gpt import count_params
+from gptjax.train.optim import learning_rate, make_optimizer
+from gptjax.train.parallel import STRATEGIES, describe, parse_mesh, plan_batch, select_devices
+from gptjax.runtime import precision
+from gptjax.runtime.signals import StopRequest
+from gptjax.model.stacked import relayout
 from gptjax.tokenizer import get_tokenizer
 
 

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gptjax.errors import UserError
-from gptjax.step import LOSS_CHUNK, make_eval_step, make_train_step
+from gptjax.train.step import LOSS_CHUNK, make_eval_step, make_train_step
 
 AXIS = "data"
 MODEL = "model"

@@ -27,7 +27,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from gptjax import disk, locks
+from gptjax.runtime import disk, locks
 from gptjax.config import DistConfig
 from gptjax.errors import UserError
 
@@ -151,7 +151,7 @@ def sync(name: str) -> None:
 
 @contextmanager
 def sole_writer(run_dir: Path, log=print):
-    """A run writes its directory alone: process 0 holds the directory's lock (gptjax.locks) for the
+    """A run writes its directory alone: process 0 holds the directory's lock (gptjax.runtime.locks) for the
     whole run, on behalf of all the run's processes, and every process of a second run on the same
     directory is refused at once, naming the holder."""
     lock = holder = None

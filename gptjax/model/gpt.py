@@ -21,7 +21,7 @@ The KV cache is an explicit pytree, passed in and returned:
    not left padding), "layers": [{"k": (X, S, H), "v": (X, S, H)}, ...]}
 in the compute dtype, with X = B·K: row b·K + k holds key/value head k of sequence b. Keys are
 cached after their rotary encoding. With scan_layers, `h` is one Block whose parameters are stacked
-on a leading layer axis (gptjax.stacked), run with nnx.scan, and the cache's "layers" is one
+on a leading layer axis (gptjax.model.stacked), run with nnx.scan, and the cache's "layers" is one
 {"k": (L, X, S, H), "v": …}.
 """
 
@@ -35,8 +35,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.config import ModelConfig
-from gptjax.loss import chunked_cross_entropy, cross_entropy, token_logprobs
-from gptjax.precision import resolve
+from gptjax.model.loss import chunked_cross_entropy, cross_entropy, token_logprobs
+from gptjax.runtime.precision import resolve
 
 INIT_STD = 0.02
 # what a rematerialised block keeps for the backward pass (jax.checkpoint policies); the rest is recomputed
@@ -205,7 +205,7 @@ class Block(nnx.Module):
 
 
 def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-    """n_layer blocks as one, every parameter stacked on a leading layer axis (gptjax.stacked), each
+    """n_layer blocks as one, every parameter stacked on a leading layer axis (gptjax.model.stacked), each
     layer initialised from its own split of the keys."""
     @nnx.split_rngs(splits=cfg.n_layer)
     @nnx.vmap(in_axes=(0,), out_axes=0)

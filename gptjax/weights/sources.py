@@ -1,6 +1,6 @@
 """Where a model's weights come from: a run directory (its newest checkpoint, or one step) or a local
 Hugging Face GPT-2 folder ('hf:DIR'). One reader for everything that starts from trained weights:
-`gptjax.load`, sampling, a fine-tune (--train.init_from) and `python -m gptjax.convert to-hf`.
+`gptjax.load`, sampling, a fine-tune (--train.init_from) and `python -m gptjax.weights.convert to-hf`.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Any, NamedTuple
 
 from flax import nnx
 
-from gptjax import hf
-from gptjax.checkpoint import CHECKPOINTS, CheckpointVanished, find_checkpoint, read_meta, read_state
+from gptjax.weights import hf
+from gptjax.weights.checkpoint import CHECKPOINTS, CheckpointVanished, find_checkpoint, read_meta, read_state
 from gptjax.config import Config, ModelConfig
 from gptjax.errors import UserError
-from gptjax.model import GPT
+from gptjax.model.gpt import GPT
 from gptjax.options import from_dict
 from gptjax.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_meta
 

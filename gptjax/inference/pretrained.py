@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from gptjax import precision, weights
+from gptjax.runtime import precision
+
+from gptjax.weights import sources as weights
 from gptjax.config import Config
 from gptjax.errors import UserError
 from gptjax.eval.score import Scorer, sliding_windows
-from gptjax.generate import GEMV_ROWS, output_matrix, stream_ids
-from gptjax.model import GPT
-from gptjax.stops import StopText, check_stops
+from gptjax.inference.generate import GEMV_ROWS, output_matrix, stream_ids
+from gptjax.model.gpt import GPT
+from gptjax.inference.stops import StopText, check_stops
 from gptjax.tokenizer import Tokenizer, get_tokenizer
 
 
@@ -166,7 +168,7 @@ def load(path: str | Path, step: int | None = None, dtype: str | None = None) ->
 
     A run that is still training may delete a checkpoint (retention) while it is being read: the
     newest complete one is then read instead, so loading a live run always gives its newest model.
-    'hf:DIR' reads a local Hugging Face GPT-2 folder instead (gptjax.hf). `dtype` sets the compute
+    'hf:DIR' reads a local Hugging Face GPT-2 folder instead (gptjax.weights.hf). `dtype` sets the compute
     dtype: bfloat16 reads half the bytes per decoded token; parameters are kept as stored.
     """
     source = weights.read(path, step, dtype)

@@ -1,7 +1,7 @@
-"""GPT-2 weights between the Hugging Face layout and gptjax, both ways (the layout itself: gptjax.hf).
+"""GPT-2 weights between the Hugging Face layout and gptjax, both ways (the layout itself: gptjax.weights.hf).
 
-  python -m gptjax.convert from-hf HF_DIR OUT_DIR          a GPT2LMHeadModel folder -> a gptjax run directory
-  python -m gptjax.convert to-hf RUN_DIR HF_DIR [--step=N]  a gptjax checkpoint -> config.json + model.safetensors
+  python -m gptjax.weights.convert from-hf HF_DIR OUT_DIR          a GPT2LMHeadModel folder -> a gptjax run directory
+  python -m gptjax.weights.convert to-hf RUN_DIR HF_DIR [--step=N]  a gptjax checkpoint -> config.json + model.safetensors
 
 `gptjax.load("hf:HF_DIR")` (and `sample.py --checkpoint=hf:HF_DIR`) reads an HF folder directly.
 """
@@ -12,15 +12,19 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from gptjax import disk, paths, weights
-from gptjax.checkpoint import CHECKPOINTS, Checkpointer
+from gptjax import paths
+
+from gptjax.runtime import disk
+
+from gptjax.weights import sources as weights
+from gptjax.weights.checkpoint import CHECKPOINTS, Checkpointer
 from gptjax.config import Config
 from gptjax.errors import UserError, cli
-from gptjax.hf import from_hf, hf_folder, save_hf
+from gptjax.weights.hf import from_hf, hf_folder, save_hf
 from gptjax.options import to_dict, to_toml
 
-USAGE = ("usage: python -m gptjax.convert from-hf HF_DIR OUT_DIR\n"
-         "       python -m gptjax.convert to-hf RUN_DIR HF_DIR [--step=N]\n"
+USAGE = ("usage: python -m gptjax.weights.convert from-hf HF_DIR OUT_DIR\n"
+         "       python -m gptjax.weights.convert to-hf RUN_DIR HF_DIR [--step=N]\n"
          "HF_DIR is a local GPT2LMHeadModel folder (config.json plus model.safetensors or pytorch_model.bin).")
 
 

@@ -45,7 +45,7 @@ def run_child(argv: list[str]) -> None:
     from gptjax.data.sources import corpus_files
     from gptjax.data.workers import peak_rss
 
-    from gptjax.malloc import return_large_blocks
+    from gptjax.runtime.malloc import return_large_blocks
 
     return_large_blocks()  # as python -m gptjax.data prepare does
     folder = argv[0]
@@ -194,7 +194,7 @@ def bench_data(args, rest: list[str]) -> None:
     before = None if learned else tiktoken_rates(enc, texts, nbytes, cores)  # the speed drifts: before and after
     try:
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", "import sys; from gptjax.bench_data import run_child; "
+        proc = subprocess.run([sys.executable, "-c", "import sys; from gptjax.bench.data import run_child; "
                                "run_child(sys.argv[1:])", str(folder), *rest], stdout=subprocess.PIPE, text=True)
         wall = time.perf_counter() - start
         if proc.returncode:

@@ -1,4 +1,4 @@
-"""glibc's malloc settings (mallopt), for the programs that tune them: training on a CPU (gptjax.cpu)
+"""glibc's malloc settings (mallopt), for the programs that tune them: training on a CPU (gptjax.runtime.cpu)
 and data preparation (gptjax.data). Elsewhere (other C libraries, other systems) nothing is set."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Memory per device of the compiled training step, pmap against fsdp, without allocating a model.
 
-    python -m gptjax.memory --config=gpt2-1.5b --train.devices=8 [--section.key=value ...]
+    python -m gptjax.bench.memory --config=gpt2-1.5b --train.devices=8 [--section.key=value ...]
 
 Both strategies' steps are lowered from shapes alone (jax.eval_shape), compiled for the devices,
 and the compiler's own memory analysis is printed per device. On a CPU the devices are simulated
@@ -19,13 +19,13 @@ import numpy as np
 from flax import nnx
 
 from gptjax.config import Config
-from gptjax.cpu import applied, tune_for_cpu
+from gptjax.runtime.cpu import applied, tune_for_cpu
 from gptjax.options import parse_args
 from gptjax.errors import cli
-from gptjax.model import GPT, count_params
-from gptjax.optim import make_optimizer
-from gptjax.parallel import STRATEGIES, describe, plan_batch, select_devices
-from gptjax.start import resolve
+from gptjax.model.gpt import GPT, count_params
+from gptjax.train.optim import make_optimizer
+from gptjax.train.parallel import STRATEGIES, describe, plan_batch, select_devices
+from gptjax.train.setup import resolve
 
 GB = 1e9
 
@@ -97,7 +97,7 @@ def format_report(r: dict) -> str:
 def main(argv: list[str]) -> None:
     simulate_cpu_devices(argv)  # before JAX starts its backend: importing JAX does not start it
     tune_for_cpu(reuse_memory=False)  # on a CPU, the step compiled with train.py's schedule
-    cfg = parse_args(argv, prog="python -m gptjax.memory",
+    cfg = parse_args(argv, prog="python -m gptjax.bench.memory",
                      intro="Memory per device of the compiled training step, pmap against fsdp. "
                            "On a CPU, --train.devices=N simulates N devices.")
     print(format_report(report(cfg)))

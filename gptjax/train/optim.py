@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from gptjax.config import TrainConfig
-from gptjax.stacked import per_layer_ndim
+from gptjax.model.stacked import per_layer_ndim
 
 
 def learning_rate(cfg: TrainConfig, peak: float | None = None):

@@ -1,6 +1,6 @@
 """Sample continuations from a trained model: `gptjax sample` or `python sample.py` --checkpoint=out/run --prompt='def '.
 
-The command-line front of gptjax.pretrained. It lives in the package so that an installed gptjax has
+The command-line front of gptjax.inference.pretrained. It lives in the package so that an installed gptjax has
 it; the top-level sample.py runs it.
 """
 
@@ -9,11 +9,13 @@ import re
 import sys
 from pathlib import Path
 
-from gptjax import disk, paths
+from gptjax import paths
+
+from gptjax.runtime import disk
 from gptjax.config import SampleConfig
 from gptjax.options import parse_flat
 from gptjax.errors import UserError, cli
-from gptjax.pretrained import load
+from gptjax.inference.pretrained import load
 
 INTRO = ("Sample continuations of a prompt from a checkpoint. The prompt comes from --prompt, --prompt_file or "
          "stdin; many prompts from --prompts_file, their samples to the terminal or to --output as JSONL.")

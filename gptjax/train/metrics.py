@@ -12,7 +12,7 @@ import weakref
 import time
 from pathlib import Path
 
-from gptjax import disk
+from gptjax.runtime import disk
 from gptjax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets, by substrings of jax's device_kind.

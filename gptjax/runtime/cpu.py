@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import sys
 
-from gptjax.malloc import M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD, mallopt
+from gptjax.runtime.malloc import M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD, mallopt
 
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 

@@ -1,5 +1,5 @@
 """GPT-2 weights in the Hugging Face layout: read a GPT2LMHeadModel folder into gptjax's parameters,
-and write gptjax's parameters as one. `python -m gptjax.convert` is the command over these.
+and write gptjax's parameters as one. `python -m gptjax.weights.convert` is the command over these.
 
 The two layouts hold the same tensors under other names: gptjax's 'h/0/attn/c_attn/kernel' is
 HF's 'transformer.h.0.attn.c_attn.weight', and both store linear weights (in, out) (HF's Conv1D),
@@ -25,12 +25,14 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 
-from gptjax import disk, paths
-from gptjax.checkpoint import flatten, unflatten
+from gptjax import paths
+
+from gptjax.runtime import disk
+from gptjax.weights.checkpoint import flatten, unflatten
 from gptjax.config import Config, DataConfig, ModelConfig
 from gptjax.errors import UserError
-from gptjax.model import GPT, sincos_encoding
-from gptjax.stacked import relayout
+from gptjax.model.gpt import GPT, sincos_encoding
+from gptjax.model.stacked import relayout
 from gptjax.tokenizer import get_tokenizer
 
 HF_PREFIX = "transformer."

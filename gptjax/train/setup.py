@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax import weights
-from gptjax.checkpoint import Checkpointer
+from gptjax.weights import sources as weights
+from gptjax.weights.checkpoint import Checkpointer
 from gptjax.config import Config
 from gptjax.errors import UserError
-from gptjax.model import GPT
+from gptjax.model.gpt import GPT
 from gptjax.options import from_dict, to_dict
-from gptjax.stacked import relayout
+from gptjax.model.stacked import relayout
 from gptjax.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_meta
 
 
@@ -61,7 +61,7 @@ def init_model(cfg: Config):
 
 def restore_state(ckpt: Checkpointer, step: int, saved: dict, shapes: dict, strategy, stacked: bool) -> dict:
     """The checkpoint of `step` read straight into the strategy's placement (fsdp: each process reads only
-    its own shards), in the checkpoint's layer layout, then converted to this run's (gptjax.stacked)."""
+    its own shards), in the checkpoint's layer layout, then converted to this run's (gptjax.model.stacked)."""
     saved_stacked = bool(saved["config"]["model"].get("scan_layers", False))
     like = relayout({"params": shapes["params"], "opt_state": shapes["opt_state"]}, saved_stacked)
     like = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), like,
@@ -79,7 +79,7 @@ def check_resumable(saved: dict, cfg: Config, run_dir: Path) -> None:
     (its state's structure) must be those of the checkpoint. A learned tokenizer's size and merges are
     known only once the data is ready: check_same_tokenizer then."""
     saved_cfg = from_dict(Config, saved["config"], where=" in the checkpoint's config")
-    # the layer layout may differ too: a checkpoint restores in either (gptjax.stacked)
+    # the layer layout may differ too: a checkpoint restores in either (gptjax.model.stacked)
     unknown = ("dtype", "scan_layers", "vocab_size") if cfg.data.tokenizer == "bpe" else ("dtype", "scan_layers")
     diffs = [f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in {
         **{f"model.{k}": (v, getattr(cfg.model, k)) for k, v in to_dict(saved_cfg.model).items() if k not in unknown},

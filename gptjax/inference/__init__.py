@@ -1,0 +1,1 @@
+"""A trained model at work: autoregressive decoding, stop strings, gptjax.load, the sampling command."""

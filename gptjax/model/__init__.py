@@ -1,0 +1,1 @@
+"""The GPT itself: the decoder stack, its loss and per-token log-probabilities, the stacked (scanned) layer layout."""
