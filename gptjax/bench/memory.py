@@ -16,13 +16,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from gptjax.config import Config
 from gptjax.runtime.cpu import applied, tune_for_cpu
 from gptjax.options import parse_args
 from gptjax.errors import cli
-from gptjax.model.gpt import GPT, count_params
+from gptjax.model.gpt import abstract, count_params
 from gptjax.train.optim import make_optimizer
 from gptjax.train.parallel import STRATEGIES, describe, plan_batch, select_devices
 from gptjax.train.setup import resolve
@@ -51,8 +50,7 @@ def report(cfg: Config) -> dict:
     t = cfg.train
     devices = select_devices(t.devices)
     accum, micro = plan_batch(t.batch_size, t.grad_accum, len(devices), jax.process_count())
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: GPT(cfg.model, nnx.Rngs(0))), nnx.Param)
-    params = nnx.to_pure_dict(params)
+    graphdef, params = abstract(cfg.model)
     tx = make_optimizer(t)
     state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
              "step": jax.ShapeDtypeStruct((), jnp.int32)}

@@ -17,7 +17,7 @@ from gptjax.config import Config
 from gptjax.errors import UserError
 from gptjax.eval.score import Scorer, sliding_windows
 from gptjax.inference.generate import GEMV_ROWS, output_matrix, stream_ids
-from gptjax.model.gpt import GPT
+from gptjax.model.gpt import GPT, abstract
 from gptjax.inference.stops import StopText, check_stops
 from gptjax.tokenizer import Tokenizer, get_tokenizer
 
@@ -172,5 +172,5 @@ def load(path: str | Path, step: int | None = None, dtype: str | None = None) ->
     dtype: bfloat16 reads half the bytes per decoded token; parameters are kept as stored.
     """
     source = weights.read(path, step, dtype)
-    graphdef, _ = weights.abstract_model(source.config.model)
+    graphdef, _ = abstract(source.config.model)
     return Pretrained(source.config, graphdef, source.params, source.step, source.path, source.tokenizer)

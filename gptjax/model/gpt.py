@@ -27,6 +27,8 @@ on a leading layer axis (gptjax.model.stacked), run with nnx.scan, and the cache
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
 
@@ -349,3 +351,15 @@ class GPT(nnx.Module):
 
 def count_params(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
+
+
+@functools.lru_cache(maxsize=8)
+def abstract(cfg: ModelConfig, per_layer: bool = False):
+    """The model built from shapes alone, nothing allocated: its graph and its parameters as plain nested
+    dicts of ShapeDtypeStructs (the names checkpoints use). per_layer: blocks as GPT-2 names them
+    (h/0, h/1, ...) whatever cfg.scan_layers says. The one shapes-only build of the model, cached per
+    shape, so a notebook that reloads a run every few seconds pays for it once."""
+    if per_layer:
+        cfg = dataclasses.replace(cfg, scan_layers=False)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0))), nnx.Param)
+    return graphdef, nnx.to_pure_dict(params)

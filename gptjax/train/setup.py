@@ -15,7 +15,7 @@ from gptjax.weights import sources as weights
 from gptjax.weights.checkpoint import Checkpointer
 from gptjax.config import Config
 from gptjax.errors import UserError
-from gptjax.model.gpt import GPT
+from gptjax.model.gpt import GPT, abstract
 from gptjax.options import from_dict, to_dict
 from gptjax.model.stacked import relayout
 from gptjax.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_meta
@@ -43,7 +43,7 @@ def model_init(cfg: Config):
     """The model's structure, and a pure function that draws its initial parameters as plain nested dicts
     (clean names in checkpoints), for jit to compile into any layout. The blocks are drawn per layer and
     then stacked if --model.scan_layers: a seed gives the same weights in either layout."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(cfg.model, nnx.Rngs(0))), nnx.Param)
+    graphdef, _ = abstract(cfg.model)
     per_layer = dataclasses.replace(cfg.model, scan_layers=False)
 
     def make_params():

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
-from flax import nnx
 
 from gptjax import paths
 
@@ -31,7 +30,7 @@ from gptjax.runtime import disk
 from gptjax.weights.checkpoint import flatten, unflatten
 from gptjax.config import Config, DataConfig, ModelConfig
 from gptjax.errors import UserError
-from gptjax.model.gpt import GPT, sincos_encoding
+from gptjax.model.gpt import abstract, sincos_encoding
 from gptjax.model.stacked import relayout
 from gptjax.tokenizer import get_tokenizer
 
@@ -52,8 +51,7 @@ def hf_name(name: str) -> str:
 
 def abstract_params(model_cfg: ModelConfig) -> dict:
     """gptjax's nested params as shape/dtype structs, nothing allocated; per layer, as GPT-2 names them."""
-    model_cfg = dataclasses.replace(model_cfg, scan_layers=False)
-    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))), nnx.Param))
+    return abstract(model_cfg, per_layer=True)[1]
 
 
 def param_shapes(model_cfg: ModelConfig) -> dict:

@@ -6,17 +6,14 @@ Hugging Face GPT-2 folder ('hf:DIR'). One reader for everything that starts from
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from flax import nnx
-
 from gptjax.weights import hf
 from gptjax.weights.checkpoint import CHECKPOINTS, CheckpointVanished, find_checkpoint, read_meta, read_state
-from gptjax.config import Config, ModelConfig
+from gptjax.config import Config
 from gptjax.errors import UserError
-from gptjax.model.gpt import GPT
+from gptjax.model.gpt import abstract
 from gptjax.options import from_dict
 from gptjax.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_meta
 
@@ -40,18 +37,10 @@ def with_dtype(config: Config, dtype: str | None) -> Config:
     return dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=dtype))
 
 
-@functools.lru_cache(maxsize=8)
-def abstract_model(model_cfg: ModelConfig):
-    """The model's graph and its parameters' shapes, built once per shape: a notebook that reloads a
-    training run every few seconds pays for this once."""
-    graphdef, params_like = nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))), nnx.Param)
-    return graphdef, nnx.to_pure_dict(params_like)
-
-
 def _read_step(run_dir: Path, step: int, dtype: str | None) -> Weights:
     meta = read_meta(run_dir / CHECKPOINTS, step)
     config = with_dtype(from_dict(Config, meta["config"], where=" in the checkpoint's config"), dtype)
-    params, _ = read_state(run_dir / CHECKPOINTS, step, abstract_model(config.model)[1])
+    params, _ = read_state(run_dir / CHECKPOINTS, step, abstract(config.model)[1])
     return Weights(config, params, step, run_dir, tokenizer_from_meta(meta))
 
 
