@@ -38,7 +38,7 @@ from gptjax.data.shards import FORMAT_VERSION, SPLITS, TOKENIZER_FILE, Dataset, 
 from gptjax.data.sources import MAX_PIECE_CHARS, PIECE_CHARS, Problems, Reader, corpus_files
 from gptjax.data.workers import TokenizerPool, WorkerError
 from gptjax.errors import UserError
-from gptjax.train.metrics import fmt_time
+from gptjax.runtime.timing import fmt_time
 from gptjax.tokenizer import Tokenizer, bpe_tokenizer, get_tokenizer, learn_bpe, ranks_to_text
 
 CHUNK_CHARS = 1 << 20  # characters of text per chunk of work

@@ -42,3 +42,8 @@ def compile_durations(fn, events=COMPILE_EVENTS) -> list[float]:
 def compile_seconds(fn) -> float:
     """Run `fn` once and return the seconds JAX spent tracing, lowering and compiling in it."""
     return sum(compile_durations(fn))
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from gptjax.runtime import disk
+from gptjax.runtime.timing import fmt_time
 from gptjax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets, by substrings of jax's device_kind.
@@ -34,11 +35,6 @@ def peak_flops(device) -> float | None:
         if name.lower() in kind.lower():
             return flops
     return None
-
-
-def fmt_time(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def read_records(path: Path) -> list[dict]:

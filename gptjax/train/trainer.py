@@ -32,7 +32,8 @@ from gptjax.errors import UserError
 from gptjax.eval.score import Scorer
 from gptjax.eval.tasks import read_tasks, score_task
 from gptjax.inference.generate import generate_ids
-from gptjax.train.metrics import MetricsLog, Progress, Rate, flops_per_token, fmt_time, peak_flops
+from gptjax.runtime.timing import fmt_time
+from gptjax.train.metrics import MetricsLog, Progress, Rate, flops_per_token, peak_flops
 from gptjax.model.gpt import count_params
 from gptjax.train.optim import learning_rate, make_optimizer
 from gptjax.train.parallel import STRATEGIES, describe, parse_mesh, plan_batch, select_devices
