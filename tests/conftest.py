@@ -39,7 +39,7 @@ if os.environ.get("GPTJAX_TEST_COMPILE_CACHE", "on") != "off":
 from gptjax.runtime.cpu import tune_for_cpu  # noqa: E402
 
 # the scheduling setting only: the suite compiles hundreds of small steps, which malloc's single arena
-# slows; the tests that start train.py get both settings, as users do (tests/test_cpu.py checks malloc's)
+# slows; the tests that start train.py get both settings, as users do (tests/runtime/test_cpu.py checks malloc's)
 tune_for_cpu(reuse_memory=False)
 
 import dataclasses  # noqa: E402
@@ -75,7 +75,7 @@ def tiny_config(out_dir, corpus, **train) -> Config:
     """A model small enough to compile and train in seconds."""
     return Config(
         out_dir=str(out_dir),
-        # float32: the tests compare figures to float32 rounding (auto's branches: tests/test_precision.py)
+        # float32: the tests compare figures to float32 rounding (auto's branches: tests/runtime/test_precision.py)
         model=ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, dtype="float32"),
         data=DataConfig(corpus=str(corpus), tokenizer="byte", val_fraction=0.1),
         train=dataclasses.replace(

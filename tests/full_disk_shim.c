@@ -7,7 +7,7 @@ C++), since they all call these C library functions, and statvfs() under that fo
 is left of the budget as the space free. Space that is freed is not given back: the budget only
 shrinks, which is all a test of "the disk fills during a save" needs.
 
-Built by tests/test_faults.py with `cc -shared -fPIC`; used only there.
+Built by tests/train/test_faults.py with `cc -shared -fPIC`; used only there.
 */
 #define _GNU_SOURCE
 #include <dlfcn.h>

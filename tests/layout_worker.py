@@ -1,4 +1,4 @@
-"""A run in a process of its own, for tests/test_layouts.py: the device count (and, with several
+"""A run in a process of its own, for tests/train/test_layouts.py: the device count (and, with several
 processes, the place among them) must be set before JAX starts, which a pytest process cannot do.
 
   python tests/layout_worker.py train DEVICES RESULT.json --config=PRESET.toml [--key=value ...] [--stop_after=N]

@@ -80,7 +80,7 @@ RUN = {
     "python sample.py --checkpoint=out/two --prompt='def '": SAMPLE,
 }
 
-BENCHMARK = "a benchmark: it measures for minutes by design (tests/test_bench.py checks its arms' options only)"
+BENCHMARK = "a benchmark: it measures for minutes by design (tests/bench/test_bench.py checks its arms' options only)"
 EXCLUDED = {
     "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && python train.py":
         "set-up: creates a virtual environment and installs gptjax, as .ci/run does on a fresh clone before the "
@@ -91,12 +91,12 @@ EXCLUDED = {
     'python -m gptjax.bench quality --budget 150 --arms "gpt2,untied,no_bias,gqa,muon,bpe8k,cpu:" --half': BENCHMARK,
     "lm_eval --model gptjax --model_args path=out/run --tasks hellaswag,lambada_openai --batch_size 16":
         "a download: the harness fetches HellaSwag's and LAMBADA's data from the Hugging Face hub "
-        "(tests/test_harness.py runs lm_eval --model gptjax offline on local tasks)",
+        "(tests/eval/test_harness.py runs lm_eval --model gptjax offline on local tasks)",
     "lm_eval --model gptjax --model_args path=hf:gpt2,stride=512 --tasks wikitext":
         "a download: the harness fetches WikiText from the Hugging Face hub",
     "python train.py --train.wandb=my-gpts --train.wandb_tags=stdlib,cpu --out_dir=out/stdlib":
         "a W&B login: without one W&B refuses to start the run; offline mode is WANDB_MODE=offline, an environment "
-        "variable rather than an appended option (tests/test_run_logs.py trains into an offline W&B run and reads "
+        "variable rather than an appended option (tests/train/test_run_logs.py trains into an offline W&B run and reads "
         "it back)",
     "python train.py --config=gpt2-124m": "a GPU or TPU: GPT-2 124M at half a million tokens a step, pmap over "
                                           "every local accelerator",

@@ -13,7 +13,7 @@ vocabulary rows are sliced off instead of being masked with -inf.
 The arithmetic is the plain form's, the same dtypes in the same places: logits in the compute
 dtype, made float32 before the softmax; the logits' gradient cast back to the compute dtype for
 the two products. Results differ from the plain form by float32 rounding only, because sums
-run in another order (tests/test_efficiency.py checks both against each other).
+run in another order (tests/model/test_efficiency.py checks both against each other).
 """
 
 from __future__ import annotations

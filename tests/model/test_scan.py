@@ -1,6 +1,6 @@
 """--model.scan_layers: the blocks stacked on a layer axis and scanned compute what the per-layer
 blocks compute, train alike, and checkpoints move between the two layouts (gptjax.model.stacked).
-The 8-device layouts, scanned among them, are in tests/test_layouts.py."""
+The 8-device layouts, scanned among them, are in tests/train/test_layouts.py."""
 
 import dataclasses
 

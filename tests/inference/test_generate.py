@@ -133,7 +133,7 @@ def test_load_and_generate_text(task_run):
 
 
 def test_stop_strings_end_each_prompt_of_a_ragged_batch_without_compiling():
-    from test_pretrained import byte_model
+    from builders import byte_model
 
     m = byte_model()
     prompts = ["a", "bcdefgh", "ij"]

@@ -1,7 +1,7 @@
 """GPT-2 interop with Hugging Face: gptjax against transformers' GPT2LMHeadModel (PyTorch, CPU) on random weights.
 
 Needs the `hf` extra (torch, transformers); skipped without it. What needs no PyTorch (safetensors files
-read, written, loaded and fine-tuned from) is tests/test_hf_weights.py, run where torch cannot be imported.
+read, written, loaded and fine-tuned from) is tests/weights/test_hf_weights.py, run where torch cannot be imported.
 """
 
 import dataclasses
@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers",
 transformers.logging.disable_progress_bar()
 
 import gptjax  # noqa: E402
+from builders import make_hf  # noqa: E402
 from conftest import JAX_CACHE_ENV, ROOT  # noqa: E402
 from gptjax.weights import convert, hf  # noqa: E402
 from gptjax.weights.checkpoint import flatten, unflatten  # noqa: E402
@@ -36,18 +37,6 @@ SHAPES = {
     "2L-2H-64D-V300": dict(n_layer=2, n_head=2, n_embd=64, n_positions=16, vocab_size=300),
     "1L-1H-8D-V64": dict(n_layer=1, n_head=1, n_embd=8, n_positions=12, vocab_size=64),
 }
-
-
-def make_hf(path, seed=0, **shape):
-    """A random GPT2LMHeadModel saved to `path`. Every tensor is perturbed (biases, LayerNorm scales too),
-    so a swapped or misnamed tensor changes the logits."""
-    torch.manual_seed(seed)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(path)
-    return model
 
 
 def hf_logits(model, ids):

@@ -4,7 +4,7 @@ where torch is not installed; only pytorch_model.bin needs it.
 
 The folders here are written with NumPy in the layout of transformers' save_pretrained (config.json
 and model.safetensors, names under 'transformer.', no lm_head: it is tied). The parity of the
-logits with transformers itself is tests/test_convert.py, which needs PyTorch.
+logits with transformers itself is tests/weights/test_convert.py, which needs PyTorch.
 """
 
 import json

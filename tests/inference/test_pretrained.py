@@ -1,28 +1,16 @@
 """The notebook object: logprobs and perplexity against a direct computation, streaming against generate."""
 
 import math
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from gptjax.config import Config, DataConfig, ModelConfig
 from gptjax.errors import UserError
-from gptjax.model.gpt import GPT
 from gptjax.inference.pretrained import Pretrained
 
-T = 32
-
-
-def byte_model(pos="learned") -> Pretrained:
-    """An untrained character-level model: its samples are often not UTF-8, which streaming must survive."""
-    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=T, vocab_size=257, pos_encoding=pos, dtype="float32")
-    graphdef, params = nnx.split(GPT(cfg, nnx.Rngs(1)), nnx.Param)
-    return Pretrained(Config(model=cfg, data=DataConfig(tokenizer="byte")), graphdef, nnx.to_pure_dict(params), 0,
-                      Path("."))
-
+from builders import T, byte_model
 
 def direct_logprobs(m: Pretrained, ids: list[int], starts_targets) -> list[float]:
     """log p(ids[t] | ids[start:t]) for each (start, t), from one plain forward pass over exactly those tokens

@@ -19,7 +19,7 @@ from gptjax.errors import UserError
 from gptjax.eval.score import Scorer, _score, sliding_windows
 from gptjax.eval.tasks import read_task, score_task
 from gptjax.eval.text import check_stride, score_text
-from test_pretrained import T, byte_model
+from builders import T, byte_model
 
 DOCS = ["def f(x):\n    return x * 2\n", "héllo wörld, ünïcode → bytes\n" * 3, "x = [i * i for i in range(10)]\n" * 2]
 
@@ -213,7 +213,7 @@ def test_text_perplexity_agrees_with_transformers(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch", reason="the HF parity tests need PyTorch: pip install 'gptjax[hf]'")
     pytest.importorskip("transformers", reason="the HF parity tests need transformers: pip install 'gptjax[hf]'")
     from gptjax import load
-    from test_convert import make_hf
+    from builders import make_hf
 
     hf = make_hf(tmp_path / "hf", n_layer=2, n_head=2, n_embd=64, n_positions=16, vocab_size=50257)
     monkeypatch.setenv("GPTJAX_HARDWARE", "backend=gpu")  # auto: bfloat16
@@ -239,7 +239,7 @@ def test_text_perplexity_agrees_with_transformers(tmp_path, monkeypatch):
 def test_the_command_line_names_its_compute_dtype(tmp_path):
     """hf:DIR evaluates in float32 by default, even where auto means bfloat16; --dtype chooses another, and
     the `evaluating` line and the JSON both say which; the figure line keeps its form."""
-    from test_convert import make_hf
+    from builders import make_hf
 
     make_hf(tmp_path / "hf", n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=50257)
     (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog, again and again.\n")
