@@ -3,6 +3,7 @@
   sources   corpus spec → files → documents, read as a stream, in pieces
   workers   tokenizer worker processes, one per core
   pipeline  the streamed, resumable preparation of a shard folder
+  progress  what a preparation tells: its progress line and closing report
   shards    the shard format, one or several folders read as one, and batches
 
 `load` is what a run calls: it prepares (or reuses) the corpus, or reads prepared folders as they are.

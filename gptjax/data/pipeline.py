@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -33,12 +32,11 @@ import numpy as np
 
 from gptjax.runtime import disk
 from gptjax.config import DataConfig
-from gptjax.data import documents, durable
+from gptjax.data import documents, durable, progress
 from gptjax.data.shards import FORMAT_VERSION, SPLITS, TOKENIZER_FILE, Dataset, open_folder, read_meta
 from gptjax.data.sources import MAX_PIECE_CHARS, PIECE_CHARS, Problems, Reader, corpus_files
 from gptjax.data.workers import TokenizerPool, WorkerError
 from gptjax.errors import UserError
-from gptjax.runtime.timing import fmt_time
 from gptjax.tokenizer import Tokenizer, bpe_tokenizer, get_tokenizer, learn_bpe, ranks_to_text
 
 CHUNK_CHARS = 1 << 20  # characters of text per chunk of work
@@ -65,38 +63,6 @@ def _source(spec: str) -> str:
     import sysconfig
 
     return spec or "stdlib:" + sysconfig.get_paths()["stdlib"]
-
-
-class _Progress:
-    """In a terminal a bar redrawn as work is done; elsewhere a line every `interval` seconds."""
-
-    def __init__(self, total_bytes: int, log, interval: float = 10.0):
-        self.total, self.log = max(total_bytes, 1), log
-        self.bar = log is print and sys.stdout.isatty()
-        self.interval = 0.25 if self.bar else interval
-        self.start = self.last = time.time()
-
-    def update(self, done_bytes: int, text_bytes: int, tokens: int) -> None:
-        now = time.time()
-        if now - self.last < self.interval:
-            return
-        self.last = now
-        frac, elapsed = min(done_bytes / self.total, 1.0), now - self.start
-        left = elapsed * (1 - frac) / frac if frac > 0 else 0
-        text = (f"{frac:4.0%} of {self.total / 1e6:,.0f} MB | {text_bytes / elapsed / 1e6:5.1f} MB/s | "
-                f"{tokens:,} tokens | left {fmt_time(left)}")
-        if self.bar:
-            width = 24
-            filled = int(width * frac)
-            sys.stdout.write(f"\r\033[Kdata [{'#' * filled}{'.' * (width - filled)}] {text}")
-            sys.stdout.flush()
-        else:
-            self.log(f"data: {text}")
-
-    def close(self) -> None:
-        if self.bar:
-            sys.stdout.write("\r\033[K")
-            sys.stdout.flush()
 
 
 def default_workers() -> int:
@@ -234,7 +200,7 @@ class _Preparation:
         val_from = len(self.files) if self.val_files else None
         self.reader = reader  # for space_needed()
         chunks = documents.chunks(reader, state, val_from, cfg.val_fraction, self.chunk_chars)
-        progress = _Progress(reader.total_bytes, self.log)
+        shown = progress.Progress(reader.total_bytes, self.log)
         started, text_bytes = time.time(), 0
         files = {s: open(p, "ab") for s, p in self.partial.items()}
         last_commit = time.time()
@@ -252,13 +218,13 @@ class _Preparation:
                     if time.time() - last_commit >= COMMIT_SECONDS:
                         self._commit(files)
                         last_commit = time.time()
-                    progress.update(reader.done_bytes(), text_bytes, state["train_tokens"] + state["val_tokens"])
+                    shown.update(reader.done_bytes(), text_bytes, state["train_tokens"] + state["val_tokens"])
                 state["input_done"] = True
                 self._commit(files)
                 self.worker_peak = pool.peak_rss()
         except (KeyboardInterrupt, durable.Stopped) as e:
             self._commit(files)  # every chunk written so far is whole: keep it
-            progress.close()
+            shown.close()
             signum = e.signum if isinstance(e, durable.Stopped) else signal.SIGINT
             self.log(f"data: preparation stopped by {signal.Signals(signum).name} after "
                      f"{state['train_tokens'] + state['val_tokens']:,} tokens; run the same command again to "
@@ -272,7 +238,7 @@ class _Preparation:
         finally:
             for f in files.values():
                 f.close()
-        progress.close()
+        shown.close()
         self.elapsed, self.text_bytes = time.time() - started, text_bytes
 
     def _check_usable(self) -> None:
@@ -373,7 +339,7 @@ def prepare(cfg: DataConfig, data_dir: str | Path, log=print, shared: bool = Fal
             if not disk.is_write_failure(e):
                 raise
             raise _write_failed(job, e) from None
-    _report(meta, folder, job, workers, log)
+    progress.report(meta, folder, getattr(job, "elapsed", None), getattr(job, "text_bytes", 0), workers, log)
     if stats is not None:
         stats.update(workers=workers, seconds=getattr(job, "elapsed", 0.0), text_bytes=getattr(job, "text_bytes", 0),
                      worker_peak_rss=job.worker_peak)
@@ -390,18 +356,3 @@ def _write_failed(job: _Preparation, error: Exception) -> UserError:
             "again." if tokens else "The partial shards were removed.")
     return disk.write_error(error, job.folder, "the token shards", needed, done=done,
                             then="run the same command again")
-
-
-def _report(meta: dict, folder: Path, job: _Preparation, workers: int, log) -> None:
-    text_mb = (meta["train_bytes"] + meta["val_bytes"]) / 1e6
-    took = getattr(job, "elapsed", None)
-    speed = (f" in {fmt_time(took)} ({job.text_bytes / max(took, 1e-9) / 1e6:.1f} MB/s, {workers} worker"
-             f"{'s' if workers > 1 else ''})" if took is not None else "")
-    split = {"tail": f" (too few documents to hold whole ones out: validation is the text's last "
-                     f"{disk.fmt_bytes(meta['val_bytes'])}, cut off before tokenizing)",
-             "val_corpus": " (validation from --data.val_corpus)"}.get(meta["split"], "")
-    log(f"data: {meta['documents']:,} documents, {text_mb:,.1f} MB of text from {meta['files'] + meta['val_files']:,} "
-        f"file(s) → {meta['train_tokens']:,} train / {meta['val_tokens']:,} val {meta['tokenizer']} tokens in "
-        f"{folder}{speed}{split}")
-    for line in Problems(meta["problems"]).lines():
-        log(f"warning: {line}")
