@@ -215,6 +215,15 @@ class Config:
         object.__setattr__(self, "out_dir", paths.expand_text(self.out_dir))
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """The sampling controls' rules and messages, the one place they live: sample.py's options
+    (SampleConfig) and every sampling call (gptjax.inference.generate.stream_ids) are checked here."""
+    _check(max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    _check(temperature >= 0, f"temperature must be 0 (greedy) or positive, got {temperature}.")
+    _check(top_k >= 0, f"top_k must be 0 (off) or positive, got {top_k}.")
+    _check(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}.")
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     checkpoint: str = opt("out/run", "a run directory (its latest checkpoint) or one checkpoint step directory")
@@ -241,10 +250,7 @@ class SampleConfig:
     def __post_init__(self):
         _check(self.num_samples >= 1, f"num_samples must be at least 1, got {self.num_samples}.")
         _check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}.")
-        _check(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
-        _check(self.temperature >= 0, f"temperature must be 0 (greedy) or positive, got {self.temperature}.")
-        _check(self.top_k >= 0, f"top_k must be 0 (off) or positive, got {self.top_k}.")
-        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}.")
+        check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
 
 
 @dataclass(frozen=True)

@@ -147,9 +147,9 @@ def validation_documents() -> list[str]:
 
 def score(run_dir: Path, docs: list[str], batch: int = 16) -> float:
     """Bits per byte of `docs`, each scored from its start in windows of the model's context that do not
-    overlap, through the one scorer (gptjax.eval.score)."""
-    from gptjax.eval.score import Scorer, sliding_windows
+    overlap, through the one scorer (gptjax.model.score)."""
     from gptjax.inference.pretrained import load
+    from gptjax.model.score import Scorer, sliding_windows
 
     model = load(run_dir)
     T, tok = model.config.model.block_size, model.tokenizer

@@ -64,10 +64,10 @@ def main(argv: list[str]) -> dict:
     cfg = parse(argv)
     tune_for_cpu()  # before JAX starts: a batch's logits are large buffers, as in training
     files = corpus_files(cfg.text, option="--text") if cfg.text else []  # checked before the model is loaded
-    from gptjax.eval.score import Scorer
     from gptjax.eval.tasks import read_tasks, score_task, summary
     from gptjax.eval.text import check_stride, score_text
     from gptjax.inference.pretrained import load
+    from gptjax.model.score import Scorer
 
     model = load(cfg.checkpoint, None if cfg.step < 0 else cfg.step, None if cfg.dtype == "checkpoint" else cfg.dtype)
     T = model.config.model.block_size

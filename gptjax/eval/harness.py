@@ -25,9 +25,9 @@ import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 
-from gptjax.eval.score import Scorer, sliding_windows
 from gptjax.eval.text import check_stride
 from gptjax.inference.pretrained import load
+from gptjax.model.score import Scorer, sliding_windows
 
 DEFAULT_BATCH = 8
 MAX_GEN_TOKS = 256  # the harness's default for generation requests that do not say

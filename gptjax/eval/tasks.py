@@ -26,7 +26,7 @@ import numpy as np
 
 from gptjax import paths
 from gptjax.errors import UserError
-from gptjax.eval.score import Scorer
+from gptjax.model.score import Scorer
 
 CHOICE, LAST_WORD = "multiple_choice", "last_word"
 LAYOUTS = ('multiple choice: {"ctx": "...", "endings": ["...", "..."], "label": 0}, or last word: '

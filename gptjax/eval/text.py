@@ -24,7 +24,7 @@ import numpy as np
 from gptjax.data.sources import Problems, Reader
 from gptjax.data.workers import encode_chunk
 from gptjax.errors import UserError
-from gptjax.eval.score import Scorer, sliding_windows
+from gptjax.model.score import Scorer, sliding_windows
 
 
 @dataclass

@@ -24,22 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptjax.errors import UserError
+from gptjax.config import check_sampling
 from gptjax.model.gpt import compute_dtype
+from gptjax.model.score import bucket  # padded lengths, as the scorer pads: powers of two from 16
 
-SMALLEST_BUCKET = 16
 CHECK_EVERY = 16  # tokens decoded between two checks of should_end (stop strings)
-
-
-def check_controls(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-    if temperature < 0:
-        raise UserError(f"temperature must be 0 (greedy) or positive, got {temperature}.")
-    if top_k < 0:
-        raise UserError(f"top_k must be 0 (off) or positive, got {top_k}.")
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}.")
 
 
 def _ordered_bits(x_BV):
@@ -183,18 +172,35 @@ def _decode(params, head_DV, state: DecodeState, stop, key, temperature, top_p, 
     return jax.lax.while_loop(cond, body, state)
 
 
-def bucket(n: int, limit: int, smallest: int = SMALLEST_BUCKET) -> int:
-    """The padded length: the next power of two from `smallest`, at most `limit`."""
-    b = smallest
-    while b < n:
-        b *= 2
-    return min(b, max(limit, n))
-
-
 def _with_done(state: DecodeState, done: np.ndarray) -> DecodeState:
     """The state with these rows marked done: the loop writes nothing more for them and ends when all
     are. An array of the same shape and type, put on the device: nothing compiles."""
     return state._replace(done_B=jax.device_put(np.array(state.done_B) | done))
+
+
+def _left_padded(contexts: list[list[int]], B: int, P: int) -> tuple[np.ndarray, np.ndarray]:
+    """The contexts left-padded to P positions, and their mask, in B rows: spare rows repeat the first."""
+    prompt_BP = np.zeros((B, P), np.int32)
+    mask_BP = np.zeros((B, P), bool)
+    for i in range(B):
+        c = contexts[i] if i < len(contexts) else contexts[0]
+        prompt_BP[i, P - len(c):] = c
+        mask_BP[i, P - len(c):] = True
+    return prompt_BP, mask_BP
+
+
+def _new_ids(out_BN: np.ndarray, active: list[int], ended: list[bool], eot_id: int, n_prompts: int) -> list[list[int]]:
+    """Each prompt's ids in `out_BN` (row k: prompt active[k]), cut before end-of-text: none for a row that
+    had ended, and a row that reaches end-of-text here is marked in `ended`."""
+    new: list[list[int]] = [[] for _ in range(n_prompts)]
+    for row, r in enumerate(active):
+        if ended[row]:
+            continue
+        ids = out_BN[row].tolist()
+        if eot_id in ids:
+            ids, ended[row] = ids[: ids.index(eot_id)], True
+        new[r] = ids
+    return new
 
 
 def stream_ids(graphdef, params, prompts: list[list[int]], *, block_size: int, eot_id: int,
@@ -211,7 +217,7 @@ def stream_ids(graphdef, params, prompts: list[list[int]], *, block_size: int, e
     With `should_end` and no `chunk`, decoding returns to Python every CHECK_EVERY tokens to ask.
     `head_DV`: output_matrix(graphdef, params) kept from an earlier call (made here otherwise).
     """
-    check_controls(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     if should_end is not None and chunk <= 0:
         chunk = CHECK_EVERY
     prompts = [list(p[-block_size:]) or [eot_id] for p in prompts]  # an empty prompt starts a document
@@ -232,12 +238,7 @@ def stream_ids(graphdef, params, prompts: list[list[int]], *, block_size: int, e
         n = min(max_new_tokens - produced[active[0]], block_size - longest + 1)
         P, N = bucket(longest, block_size), bucket(n, block_size)
         B = bucket(len(contexts), limit=1 << 30, smallest=1)  # spare rows repeat the first prompt
-        prompt_BP = np.zeros((B, P), np.int32)
-        mask_BP = np.zeros((B, P), bool)
-        for i in range(B):
-            c = contexts[i] if i < len(contexts) else contexts[0]
-            prompt_BP[i, P - len(c):] = c
-            mask_BP[i, P - len(c):] = True
+        prompt_BP, mask_BP = _left_padded(contexts, B, P)
         key = jax.random.fold_in(base_key, segment)
         state = _prefill(params, prompt_BP, mask_BP, key, *controls, graphdef=graphdef, n_out=N, sampling=sampling)
         if B > len(contexts):  # spare rows would keep the loop running after every real row has ended
@@ -254,15 +255,10 @@ def stream_ids(graphdef, params, prompts: list[list[int]], *, block_size: int, e
                                 sampling=sampling)
             i = int(state.i)
             out_BN = np.array(state.out_BN)[:, start:i]  # a copy, on the host: the state is donated next
-            new: list[list[int]] = [[] for _ in prompts]
+            new = _new_ids(out_BN, active, ended, eot_id, len(prompts))
             stopped = np.zeros(B, bool)
             for row, r in enumerate(active):
-                if ended[row]:
-                    continue
-                ids = out_BN[row].tolist()
-                if eot_id in ids:
-                    ids, ended[row] = ids[: ids.index(eot_id)], True
-                new[r] = ids
+                ids = new[r]
                 seqs[r] += ids
                 produced[r] += len(ids)
                 if should_end is not None and ids and should_end(r, ids) and not ended[row]:

@@ -15,7 +15,7 @@ from gptjax.runtime import precision
 from gptjax.weights import sources as weights
 from gptjax.config import Config
 from gptjax.errors import UserError
-from gptjax.eval.score import Scorer, sliding_windows
+from gptjax.model.score import Scorer, sliding_windows
 from gptjax.inference.generate import GEMV_ROWS, output_matrix, stream_ids
 from gptjax.model.gpt import GPT, abstract
 from gptjax.inference.stops import StopText, check_stops

@@ -29,7 +29,7 @@ from gptjax.weights.checkpoint import CHECKPOINTS, Checkpointer, checkpoint_byte
 from gptjax.config import Config
 from gptjax.options import to_dict, to_toml
 from gptjax.errors import UserError
-from gptjax.eval.score import Scorer
+from gptjax.model.score import Scorer
 from gptjax.eval.tasks import read_tasks, score_task
 from gptjax.inference.generate import generate_ids
 from gptjax.runtime.timing import fmt_time

@@ -16,9 +16,9 @@ from flax import nnx
 
 from conftest import JAX_CACHE_ENV, ROOT, tiny_config
 from gptjax.errors import UserError
-from gptjax.eval.score import Scorer, _score, sliding_windows
 from gptjax.eval.tasks import read_task, score_task
 from gptjax.eval.text import check_stride, score_text
+from gptjax.model.score import Scorer, _score, sliding_windows
 from builders import T, byte_model
 
 DOCS = ["def f(x):\n    return x * 2\n", "héllo wörld, ünïcode → bytes\n" * 3, "x = [i * i for i in range(10)]\n" * 2]

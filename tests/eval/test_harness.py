@@ -22,7 +22,7 @@ pytest.importorskip("lm_eval", reason="the harness tests need lm-evaluation-harn
 
 from conftest import JAX_CACHE_ENV, ROOT  # noqa: E402
 from gptjax import load  # noqa: E402
-from gptjax.eval.score import Scorer  # noqa: E402
+from gptjax.model.score import Scorer  # noqa: E402
 from gptjax.eval.tasks import read_task, score_task  # noqa: E402
 
 TASKS = {

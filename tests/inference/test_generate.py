@@ -6,8 +6,10 @@ from flax import nnx
 
 from gptjax import load
 from gptjax.runtime.timing import BACKEND_COMPILE, compile_durations
-from gptjax.config import ModelConfig
-from gptjax.inference.generate import bucket, filter_logits, generate_ids, stream_ids
+from gptjax.config import ModelConfig, SampleConfig
+from gptjax.errors import UserError
+from gptjax.inference.generate import filter_logits, generate_ids, stream_ids
+from gptjax.model.score import bucket
 from gptjax.model.gpt import GPT
 
 
@@ -120,6 +122,21 @@ def test_streamed_tokens_are_the_generated_tokens(temperature):
 def test_bucket():
     assert bucket(1, 128) == 16 and bucket(17, 128) == 32 and bucket(100, 128) == 128
     assert bucket(128, 128) == 128 and bucket(20, 24) == 24
+
+
+@pytest.mark.parametrize("controls, message", [
+    (dict(max_new_tokens=0), "max_new_tokens must be at least 1, got 0."),
+    (dict(temperature=-1.0), "temperature must be 0 (greedy) or positive, got -1.0."),
+    (dict(top_k=-1), "top_k must be 0 (off) or positive, got -1."),
+    (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0."),
+])
+def test_sampling_controls_are_refused_with_sample_py_s_messages(controls, message):
+    """One check (config.check_sampling): a sampling call and sample.py's options say the same, before any work."""
+    kw = dict(max_new_tokens=4, temperature=0.8, top_k=0, top_p=1.0) | controls
+    for make in (lambda: generate_ids(None, None, [[1]], block_size=8, eot_id=0, **kw), lambda: SampleConfig(**kw)):
+        with pytest.raises(UserError) as e:
+            make()
+        assert str(e.value) == message
 
 
 def test_load_and_generate_text(task_run):

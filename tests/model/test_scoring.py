@@ -16,7 +16,7 @@ from flax import nnx
 
 from gptjax.config import Config, DataConfig, ModelConfig
 from gptjax.weights.convert import save_run
-from gptjax.eval.score import Scorer
+from gptjax.model.score import Scorer
 from gptjax.eval.text import score_text
 from gptjax.model.gpt import GPT
 from gptjax.inference.pretrained import Pretrained

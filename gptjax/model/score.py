@@ -1,12 +1,15 @@
 """A model's compiled scoring of token windows: at every position, log p(target | the tokens before
-it in the window) and whether the target was the model's first choice.
+it in the window) and whether the target was the model's first choice. The one scorer: the task
+figures of evaluations during training, `gptjax.load(...).logprobs`, `python -m gptjax.eval`, bench
+quality and the lm-eval harness all go through `Scorer`.
 
 Windows go through in batches of one shape, so a run compiles once per shape: text scoring uses
 full context windows only; task requests (a context and a continuation, mostly far shorter than the
-context) are sorted by length and padded to a power of two, a handful of shapes. The output layer
-is applied a chunk of positions at a time, so the batch's float32 logits over the vocabulary never
-exist at once. The arithmetic is the model's own scorer (GPT.token_logprobs, through its output
-layer), the one that training's validation loss uses too.
+context) are sorted by length and padded to a power of two (`bucket`, which sampling pads its
+prompts with too), a handful of shapes. The output layer is applied a chunk of positions at a time,
+so the batch's float32 logits over the vocabulary never exist at once. The arithmetic is the model's
+own scorer (GPT.token_logprobs, through its output layer), the one that training's validation loss
+uses too.
 """
 
 from __future__ import annotations
@@ -19,9 +22,16 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gptjax.inference.generate import bucket
-
 LOGITS_CHUNK = 2048  # positions whose logits exist at once
+SMALLEST_BUCKET = 16
+
+
+def bucket(n: int, limit: int, smallest: int = SMALLEST_BUCKET) -> int:
+    """The padded length: the next power of two from `smallest`, at most `limit`."""
+    b = smallest
+    while b < n:
+        b *= 2
+    return min(b, max(limit, n))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk"))
