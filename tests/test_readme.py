@@ -14,109 +14,19 @@ import importlib.util
 import json
 import math
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import JAX_CACHE_ENV, ROOT
+from conftest import JAX_CACHE_ENV
 from readme_journey import readme
-from readme_journey.files import HELLASWAG, LAMBADA, PROMPTS, make_files
+from readme_journey.commands import EXCLUDED, RUN
+from readme_journey.files import HELLASWAG, LAMBADA, PROMPTS
+from readme_journey.python_checks import PY_CHECKS
 from readme_journey.readme import block_commands, shrunk
-from readme_journey.runner import BIN, Journey, Step, environment, once, run_steps, shared_temp
-
-README = ROOT / "README.md"
-NOTEBOOK = ROOT / "tests" / "readme_journey" / "notebook.py"
-WORKERS = 3  # commands at once on 2 cores: much of each is one thread's start-up, tracing and compiling
-TIMEOUT = 420
-
-# ----------------------------------------------------------------------------- the README's commands
-
-# Shrinking options: a model of one layer of width 32, a few steps; a BPE of 512 where the preset learns one
-TINY = "--model.n_layer=1 --model.n_head=2 --model.n_embd=32 --model.block_size=32"
-FEW_STEPS = ("--train.batch_size=4 --train.max_steps=4 --train.eval_interval=2 --train.eval_batches=1 "
-             "--train.ckpt_interval=2 --train.log_interval=2 --train.sample_tokens=8")
-TRAIN = f"{TINY} {FEW_STEPS}"
-TRAIN_BPE = f"{TRAIN} --data.bpe_vocab=512"
-SAMPLE = "--max_new_tokens=16"
-
-# README command -> the options appended to it, each run by the journey below
-RUN = {
-    "python train.py": TRAIN_BPE,
-    "python train.py --config=char --train.max_steps=200": TRAIN,
-    "python train.py --data.corpus='my_texts/**/*.txt' --out_dir=out/mine --model.n_layer=6": TRAIN_BPE,
-    "python -m gptjax.data prepare --data.corpus='web/*.jsonl.zst' --data.dir=shards/web": "--data.bpe_vocab=512",
-    "python train.py --config=cpu-gpt2 --out_dir=out/gpt2-arch": TRAIN,
-    "python train.py --data.dir=shards/web --out_dir=out/web": TRAIN_BPE,
-    "python train.py --train.resume=true": f"{TRAIN_BPE} --train.max_steps=6",
-    "python sample.py --checkpoint=out/run --prompt='def fib(n):' --max_new_tokens=100": SAMPLE,
-    "python sample.py --checkpoint=out/run --num_samples=3 --temperature=0.9 --top_k=50 --top_p=0.95 --seed=1": SAMPLE,
-    "echo 'import os' | python sample.py --checkpoint=out/run": SAMPLE,
-    "python sample.py --checkpoint=out/run --prompt_file=prompt.txt --temperature=0": SAMPLE,
-    "python sample.py --checkpoint=out/run --prompts_file=prompts.jsonl --output=samples.jsonl --num_samples=2": SAMPLE,
-    r"python sample.py --checkpoint=out/run --prompt='def fib(n):' --stop='\n\n'": SAMPLE,
-    # the local stand-in for the downloaded FineWeb parquet files, in GPT-2's tokenizer; the preset's model
-    # trained at the tiny shape, since the run's point here is reading shards prepared apart
-    "python -m gptjax.data prepare --config=gpt2-124m --data.corpus='fineweb/*.parquet' --data.dir=shards/fineweb": "",
-    "python train.py --config=gpt2-124m --data.dir=shards/fineweb": f"{TRAIN} --train.grad_accum=1",
-    "python -m gptjax.weights.convert from-hf gpt2 out/gpt2": "",
-    "python sample.py --checkpoint=hf:gpt2 --prompt='The meaning of life is'": SAMPLE,
-    # the source's model shape: only training options are appended
-    "python train.py --train.init_from=out/gpt2 --data.corpus=my.txt --out_dir=out/tuned": FEW_STEPS,
-    "python -m gptjax.weights.convert to-hf out/tuned tuned-hf": "",
-    "python -m gptjax.eval out/run --text=held_out.txt": "",
-    # the gpt2 folder here is the tiny cpu-gpt2 run's, of a 32-token context
-    "python -m gptjax.eval hf:gpt2 --text='wiki/*.jsonl.zst' --stride=512 --batch_size=16": "--stride=16",
-    "python -m gptjax.eval out/run --task=hellaswag_val.jsonl,lambada.jsonl --output=eval.json": "",
-    "python -m gptjax.bench.memory --config=gpt2-1.5b --train.devices=8": f"{TINY} --train.batch_size=8 --train.grad_accum=1",
-    "python -m gptjax.bench.memory --config=gpt2-1.5b --train.devices=8 --train.remat=block":
-        f"{TINY} --train.batch_size=8 --train.grad_accum=1",
-    "export XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu": "",
-    "for i in 0 1; do\npython train.py --config=char --out_dir=out/two --train.max_steps=30 "
-    "--dist.coordinator=127.0.0.1:12355 --dist.num_processes=2 --dist.process_id=$i &\ndone; wait":
-        f"{TINY} --train.batch_size=8 --train.max_steps=2 --train.eval_interval=2 --train.eval_batches=1 "
-        "--train.sample_tokens=0",
-    "python sample.py --checkpoint=out/two --prompt='def '": SAMPLE,
-}
-
-BENCHMARK = "a benchmark: it measures for minutes by design (tests/bench/test_bench.py checks its arms' options only)"
-EXCLUDED = {
-    "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && python train.py":
-        "set-up: creates a virtual environment and installs gptjax, as .ci/run does on a fresh clone before the "
-        "suite; its last command, python train.py, is the quick tour's first, run here",
-    'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test]" && python -m pytest':
-        "set-up and the test command itself: .ci/run creates the environment, installs gptjax and runs this suite",
-    "python -m gptjax.bench quality --budget 150 --arms gpt2,rope,rmsnorm,qk_norm,relu2,swiglu": BENCHMARK,
-    'python -m gptjax.bench quality --budget 150 --arms "gpt2,untied,no_bias,gqa,muon,bpe8k,cpu:" --half': BENCHMARK,
-    "lm_eval --model gptjax --model_args path=out/run --tasks hellaswag,lambada_openai --batch_size 16":
-        "a download: the harness fetches HellaSwag's and LAMBADA's data from the Hugging Face hub "
-        "(tests/eval/test_harness.py runs lm_eval --model gptjax offline on local tasks)",
-    "lm_eval --model gptjax --model_args path=hf:gpt2,stride=512 --tasks wikitext":
-        "a download: the harness fetches WikiText from the Hugging Face hub",
-    "python train.py --train.wandb=my-gpts --train.wandb_tags=stdlib,cpu --out_dir=out/stdlib":
-        "a W&B login: without one W&B refuses to start the run; offline mode is WANDB_MODE=offline, an environment "
-        "variable rather than an appended option (tests/train/test_run_logs.py trains into an offline W&B run and reads "
-        "it back)",
-    "python train.py --config=gpt2-124m": "a GPU or TPU: GPT-2 124M at half a million tokens a step, pmap over "
-                                          "every local accelerator",
-    "python train.py --config=gpt2-1.5b --train.parallel=fsdp": "a GPU or TPU: GPT-2 1.5B sharded over 8 GPUs",
-    "#!/bin/bash\n#SBATCH --nodes=4 --ntasks-per-node=8 --gpus-per-node=8\n"
-    "srun python train.py --config=gpt2-1.5b --train.parallel=fsdp --out_dir=/shared/runs/gpt2-xl":
-        "a SLURM cluster: an sbatch script of 4 nodes x 8 GPUs under srun",
-    'gcloud compute tpus tpu-vm ssh my-pod --zone=us-central2-b --worker=all --command="cd gptjax && '
-    ".venv/bin/python train.py --config=gpt2-1.5b --train.parallel=fsdp --dist.coordinator=auto "
-    '--out_dir=/mnt/shared/gpt2-xl"': "a TPU pod: gcloud runs the command on every worker of the pod",
-    "export XLA_FLAGS=--xla_force_host_platform_device_count=4":
-        "the set-up of the GPT-2 350M memory measurement that follows it",
-    "for i in 0 1; do\n/usr/bin/time -v -o p$i.time python train.py --config=gpt2-350m --train.parallel=fsdp "
-    "--model.scan_layers=true --train.remat=block --model.block_size=256 --train.batch_size=8 --train.grad_accum=1 "
-    "--model.dtype=float32 --data.tokenizer=byte --model.vocab_size=50304 --data.corpus=CORPUS --out_dir=out/m350 "
-    "--train.max_steps=2 --train.ckpt_interval=1000 --train.eval_batches=1 --train.sample_tokens=0 "
-    "--dist.timeout=1800 --dist.coordinator=127.0.0.1:29517 --dist.num_processes=2 --dist.process_id=$i &\n"
-    "done; wait": "a benchmark: the resident memory of two processes training GPT-2 350M (5 GB each, minutes on "
-                  "2 cores) on a CORPUS the reader picks, measured by /usr/bin/time",
-}
+from readme_journey.runner import BIN, Journey, environment, once, shared_temp
+from readme_journey.steps import JOURNEYED, README, SAMPLES, STEPS, TABLE, run_journey
 
 
 def test_every_readme_command_is_run_or_excluded():
@@ -144,102 +54,6 @@ def test_the_command_parser():
     loop = "for i in 0 1; do\nb --n=$i &\ndone; wait"
     assert shrunk(loop, "--m=1") == "for i in 0 1; do\nb --n=$i --m=1 &\ndone; wait"
     assert shrunk("echo x | python s.py", "--m=1") == "echo x | python s.py --m=1"
-
-
-# ----------------------------------------------------------------------------- the journey
-
-JOURNEYED: list[str] = []  # the README commands that the steps run
-
-
-def run(name: str, *commands: str, after: tuple[str, ...] = (), env: dict | None = None) -> Step:
-    """A step of README commands, in one shell, each with RUN's options appended."""
-    JOURNEYED.extend(commands)
-    return Step(name, "\n".join(shrunk(c, RUN[c]) for c in commands), after, env or {})
-
-
-SAMPLES = [c for c in RUN if c.startswith(("python sample.py --checkpoint=out/run", "echo 'import os' |"))]
-TWO_PROCESSES = next(c for c in RUN if c.startswith("for i in 0 1; do\npython train.py --config=char"))
-TABLE = readme.command_table(README)
-
-# in order of priority: a free worker takes the first step whose predecessors are done
-STEPS = [
-    run("train", "python train.py"),
-    run("two processes", "export XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu", TWO_PROCESSES,
-        "python sample.py --checkpoint=out/two --prompt='def '"),
-    run("train cpu-gpt2", "python train.py --config=cpu-gpt2 --out_dir=out/gpt2-arch"),
-    Step("set-up: the gpt2 folder", "python -m gptjax.weights.convert to-hf out/gpt2-arch gpt2", after=("train cpu-gpt2",)),
-    run("from-hf", "python -m gptjax.weights.convert from-hf gpt2 out/gpt2", after=("set-up: the gpt2 folder",)),
-    run("fine-tune", "python train.py --train.init_from=out/gpt2 --data.corpus=my.txt --out_dir=out/tuned",
-        after=("from-hf",)),
-    *[run(f"sample {i}", c, after=("train",)) for i, c in enumerate(SAMPLES, 1)],
-    Step("python blocks", f"python {NOTEBOOK} ../readme_python.json ../notebook.json", after=("train",)),
-    run("eval text", "python -m gptjax.eval out/run --text=held_out.txt", after=("train",)),
-    run("eval tasks", "python -m gptjax.eval out/run --task=hellaswag_val.jsonl,lambada.jsonl --output=eval.json",
-        after=("train",)),
-    # after every reader of out/run, so that each read the run of the first command
-    run("resume", "python train.py --train.resume=true",
-        after=("python blocks", "eval text", "eval tasks", *[f"sample {i}" for i in range(1, len(SAMPLES) + 1)])),
-    run("train char", "python train.py --config=char --train.max_steps=200"),
-    Step("plot", "python -m gptjax.train.plot out/run && python -m gptjax.train.plot out/run out/char --out=runs.png",
-         after=("resume", "train char")),
-    Step("gptjax plot", "gptjax plot out/run --out=by-gptjax.png", after=("resume",)),
-    run("train mine", "python train.py --data.corpus='my_texts/**/*.txt' --out_dir=out/mine --model.n_layer=6"),
-    run("prepare web", "python -m gptjax.data prepare --data.corpus='web/*.jsonl.zst' --data.dir=shards/web"),
-    run("train web", "python train.py --data.dir=shards/web --out_dir=out/web", after=("prepare web",)),
-    run("sample hf:gpt2", "python sample.py --checkpoint=hf:gpt2 --prompt='The meaning of life is'",
-        after=("set-up: the gpt2 folder",)),
-    # the prose's `gptjax.load("hf:gpt2")`, which computes in float32 on every device, as transformers does
-    Step("load hf:gpt2", "python -c 'import gptjax; m = gptjax.load(\"hf:gpt2\"); print(m.dtype, repr(m))'",
-         after=("set-up: the gpt2 folder",)),
-    run("eval hf:gpt2", "python -m gptjax.eval hf:gpt2 --text='wiki/*.jsonl.zst' --stride=512 --batch_size=16",
-        after=("set-up: the gpt2 folder",)),
-    run("to-hf", "python -m gptjax.weights.convert to-hf out/tuned tuned-hf", after=("fine-tune",)),
-    run("prepare fineweb",
-        "python -m gptjax.data prepare --config=gpt2-124m --data.corpus='fineweb/*.parquet' --data.dir=shards/fineweb"),
-    run("train fineweb", "python train.py --config=gpt2-124m --data.dir=shards/fineweb", after=("prepare fineweb",)),
-    # gptjax.bench.memory asks for --train.devices simulated devices itself, unless XLA_FLAGS already names a count
-    run("memory", "python -m gptjax.bench.memory --config=gpt2-1.5b --train.devices=8", env={"XLA_FLAGS": None}),
-    run("memory remat", "python -m gptjax.bench.memory --config=gpt2-1.5b --train.devices=8 --train.remat=block",
-        env={"XLA_FLAGS": None}),
-    # the "One command" table: each row's help against the help of what it is the same as
-    *[Step(f"{ours} --help", f"{ours} --help > ../help-{i}-ours.txt && {same} --help > ../help-{i}-same.txt")
-      for i, (ours, same) in enumerate(TABLE)],
-    Step("gptjax --help", "gptjax --help && python -m gptjax --help"),
-]
-
-# Run after the README's Python, in its namespace: the figures its statements' checks compare with
-FOLLOW_UP = f"""
-text = "def fib(n):\\n    return n"
-facts["tokens"] = len(m.tokenizer.encode(text))
-facts["logprobs_mean"] = float(m.logprobs(text).mean())
-facts["bits_per_byte"] = float(-m.logprobs(text, from_start=True).sum() / len(text.encode()) / 0.6931471805599453)
-facts["step"] = m.step
-facts["at_step_2"] = gptjax.load("out/run", step=2).step
-facts["model"] = {{k: getattr(m.config.model, k) for k in ("n_layer", "n_embd", "tie_embeddings", "pos_encoding")}}
-facts["tokenizer"] = m.tokenizer.name
-facts["dtype"] = m.dtype
-facts["repr"] = repr(m)
-facts["lambada"] = []
-for t in {LAMBADA!r}:
-    cut = max(t.rfind(" "), t.rfind("\\t"), t.rfind("\\n"))
-    context, word = t[:cut], t[cut:]
-    ids, n = m.tokenizer.encode(t), len(m.tokenizer.encode(word))
-    facts["lambada"].append({{"sum": float(m.logprobs(t)[-n:].sum()),
-                             "splits": ids == m.tokenizer.encode(context) + m.tokenizer.encode(word)}})
-"""
-
-
-def run_journey(root: Path) -> dict[str, dict]:
-    clone = root / "clone"
-    clone.mkdir(parents=True)
-    for name in ("train.py", "sample.py"):
-        shutil.copy(ROOT / name, clone / name)
-    shutil.copytree(ROOT / "configs", clone / "configs")
-    make_files(clone)
-    (root / "home").mkdir()
-    (root / "readme_python.json").write_text(json.dumps(
-        {"blocks": readme.fenced_blocks(README.read_text(), "python"), "after": FOLLOW_UP}))
-    return run_steps(STEPS, clone, environment(root / "home", JAX_CACHE_ENV), WORKERS, TIMEOUT)
 
 
 @pytest.fixture(scope="session")
@@ -474,81 +288,6 @@ def test_every_step_has_its_check():
 
 
 # ----------------------------------------------------------------------------- the README's Python
-
-
-def value(record: dict) -> dict:
-    assert "error" not in record, record["error"]
-    return record["value"]
-
-
-def _generate(rec, recs, facts):
-    v = value(rec)
-    assert v["type"] == "str" and v["value"], v
-    if "stop=" in rec["statement"]:
-        assert "\n\n" not in v["value"] and "def " not in v["value"], v
-
-
-def _generate_list(rec, recs, facts):
-    v = value(rec)
-    assert v["type"] == "list" and [x["type"] for x in v["items"]] == ["str", "str"], v
-
-
-def _stream(rec, recs, facts):
-    assert "error" not in rec, rec["error"]
-    once = recs["m.generate('def fib(n):', max_new_tokens=50)"]
-    assert rec["printed"] and rec["printed"] == value(once)["value"], (rec["printed"], once)
-
-
-def _logprobs(rec, recs, facts):
-    v = value(rec)
-    assert v["type"] == "ndarray" and v["dtype"] in ("float32", "float64") and v["finite"], v
-    assert v["shape"] == [facts["tokens"] - 1] and v["max"] <= 0, (v, facts)
-
-
-def _perplexity(rec, recs, facts):
-    v = value(rec)
-    assert v["type"] == "float" and v["finite"] and v["value"] > 1, v
-    assert v["value"] == pytest.approx(math.exp(-facts["logprobs_mean"]), rel=1e-5)
-
-
-def _bits_per_byte(rec, recs, facts):
-    v = value(rec)
-    assert v["type"] == "float" and v["finite"] and v["value"] > 0, v
-    assert v["value"] == pytest.approx(facts["bits_per_byte"], rel=1e-5)  # every token, the first after EOT
-
-
-def _attributes(rec, recs, facts):
-    config, tokenizer, params = value(rec)["items"]
-    assert config["type"] == "Config" and tokenizer["type"] == "Tokenizer", (config, tokenizer)
-    assert params["type"] == "dict" and params["leaves"] == params["array_leaves"] > 0, params
-    # the default preset's untied output layer, at the tiny shape the journey trained
-    assert facts["model"] == {"n_layer": 1, "n_embd": 32, "tie_embeddings": False, "pos_encoding": "rope"}, facts
-    assert facts["tokenizer"] == "bpe"
-
-
-def _dtype(rec, recs, facts):
-    assert value(rec) in ({"type": "str", "value": "float32"}, {"type": "str", "value": "bfloat16"})
-    assert f"{value(rec)['value']} compute" in facts["repr"], facts["repr"]
-
-
-def _ran(rec, recs, facts):
-    assert "error" not in rec, rec["error"]
-
-
-# each statement of the README's ```python blocks, as ast.unparse writes it -> its check
-PY_CHECKS = {
-    "import gptjax": _ran,
-    "m = gptjax.load('out/run')": _ran,
-    "m.generate('def fib(n):', max_new_tokens=50)": _generate,
-    "m.generate(['import ', 'class '], max_new_tokens=20, temperature=0)": _generate_list,
-    "m.generate('def fib(n):', stop=['\\n\\n', 'def '])": _generate,
-    "for piece in m.stream('def fib(n):', max_new_tokens=50):\n    print(piece, end='', flush=True)": _stream,
-    "m.logprobs('def fib(n):\\n    return n')": _logprobs,
-    "m.perplexity('def fib(n):\\n    return n')": _perplexity,
-    "(m.config, m.tokenizer, m.params)": _attributes,
-    "m.dtype": _dtype,
-    "m.bits_per_byte('def fib(n):\\n    return n')": _bits_per_byte,
-}
 
 
 def test_every_python_statement_is_checked():

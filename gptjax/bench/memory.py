@@ -1,6 +1,6 @@
 """Memory per device of the compiled training step, pmap against fsdp, without allocating a model.
 
-    python -m gptjax.bench.memory --config=gpt2-1.5b --train.devices=8 [--section.key=value ...]
+    gptjax memory --config=gpt2-1.5b --train.devices=8 [--section.key=value ...]
 
 Both strategies' steps are lowered from shapes alone (jax.eval_shape), compiled for the devices,
 and the compiler's own memory analysis is printed per device. On a CPU the devices are simulated
@@ -95,7 +95,7 @@ def format_report(r: dict) -> str:
 def main(argv: list[str]) -> None:
     simulate_cpu_devices(argv)  # before JAX starts its backend: importing JAX does not start it
     tune_for_cpu(reuse_memory=False)  # on a CPU, the step compiled with train.py's schedule
-    cfg = parse_args(argv, prog="python -m gptjax.bench.memory",
+    cfg = parse_args(argv, prog="gptjax memory",
                      intro="Memory per device of the compiled training step, pmap against fsdp. "
                            "On a CPU, --train.devices=N simulates N devices.")
     print(format_report(report(cfg)))

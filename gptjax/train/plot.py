@@ -1,4 +1,4 @@
-"""Loss curves of one or more runs: `python -m gptjax.train.plot RUN_DIR [RUN_DIR ...] [--out=loss.png]`.
+"""Loss curves of one or more runs: `gptjax plot RUN_DIR [RUN_DIR ...] [--out=loss.png]`.
 
 Loss curves against steps, tokens and seconds of training, the runs overlaid in one colour each
 (train as a line, validation as dots on a dashed line), and a last panel, when the runs scored
@@ -103,7 +103,7 @@ def main(argv: list[str]) -> None:
         else:
             runs.append(paths.expand(arg))
     if not runs:
-        raise UserError("give at least one run directory: python -m gptjax.train.plot out/run [out/other ...]")
+        raise UserError("give at least one run directory: gptjax plot out/run [out/other ...]")
     for run in runs:
         if not run.is_dir():
             raise UserError(f"run directory {run} does not exist.")

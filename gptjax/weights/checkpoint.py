@@ -135,7 +135,7 @@ def _step_error(ckpt_dir: Path, step: int, error: Exception, items: dict) -> Exc
     kind, what = found
     return UserError({
         "weights_only": f"checkpoint {path} holds parameters but no optimizer state (as the step 0 that python -m "
-                        "gptjax.weights.convert writes), so a run cannot resume from it. Fine-tune from it instead: "
+                        "gptjax convert writes), so a run cannot resume from it. Fine-tune from it instead: "
                         f"--train.init_from={ckpt_dir.parent} with a new --out_dir.",
         "incomplete": f"checkpoint {path} cannot be read: it is incomplete, {what}. A step folder is whole once it "
                       f"has its name, so part of it was deleted or not copied.{hint}",

@@ -1,7 +1,7 @@
 """GPT-2 weights between the Hugging Face layout and gptjax, both ways (the layout itself: gptjax.weights.hf).
 
-  python -m gptjax.weights.convert from-hf HF_DIR OUT_DIR          a GPT2LMHeadModel folder -> a gptjax run directory
-  python -m gptjax.weights.convert to-hf RUN_DIR HF_DIR [--step=N]  a gptjax checkpoint -> config.json + model.safetensors
+  gptjax convert from-hf HF_DIR OUT_DIR          a GPT2LMHeadModel folder -> a gptjax run directory
+  gptjax convert to-hf RUN_DIR HF_DIR [--step=N]  a gptjax checkpoint -> config.json + model.safetensors
 
 `gptjax.load("hf:HF_DIR")` (and `sample.py --checkpoint=hf:HF_DIR`) reads an HF folder directly.
 """
@@ -23,8 +23,8 @@ from gptjax.errors import UserError, cli
 from gptjax.weights.hf import from_hf, hf_folder, save_hf
 from gptjax.options import to_dict, to_toml
 
-USAGE = ("usage: python -m gptjax.weights.convert from-hf HF_DIR OUT_DIR\n"
-         "       python -m gptjax.weights.convert to-hf RUN_DIR HF_DIR [--step=N]\n"
+USAGE = ("usage: gptjax convert from-hf HF_DIR OUT_DIR\n"
+         "       gptjax convert to-hf RUN_DIR HF_DIR [--step=N]\n"
          "HF_DIR is a local GPT2LMHeadModel folder (config.json plus model.safetensors or pytorch_model.bin).")
 
 

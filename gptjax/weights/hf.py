@@ -1,5 +1,5 @@
 """GPT-2 weights in the Hugging Face layout: read a GPT2LMHeadModel folder into gptjax's parameters,
-and write gptjax's parameters as one. `python -m gptjax.weights.convert` is the command over these.
+and write gptjax's parameters as one. `gptjax convert` is the command over these.
 
 The two layouts hold the same tensors under other names: gptjax's 'h/0/attn/c_attn/kernel' is
 HF's 'transformer.h.0.attn.c_attn.weight', and both store linear weights (in, out) (HF's Conv1D),

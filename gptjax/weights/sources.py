@@ -1,6 +1,6 @@
 """Where a model's weights come from: a run directory (its newest checkpoint, or one step) or a local
 Hugging Face GPT-2 folder ('hf:DIR'). One reader for everything that starts from trained weights:
-`gptjax.load`, sampling, a fine-tune (--train.init_from) and `python -m gptjax.weights.convert to-hf`.
+`gptjax.load`, sampling, a fine-tune (--train.init_from) and `gptjax convert to-hf`.
 """
 
 from __future__ import annotations
