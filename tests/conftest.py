@@ -147,3 +147,10 @@ def reference(tmp_path_factory):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     return corpus, losses(root / "ref")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests that start processes of their own (marked slow) first: each takes tens of seconds to
+    minutes, and started first they end while the quick ones fill both workers, instead of one long test
+    holding the last minutes on its own. The sort is stable, so every worker collects the same order."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

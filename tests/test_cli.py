@@ -10,6 +10,8 @@ import pytest
 
 from conftest import JAX_CACHE_ENV, PATIENT_COLLECTIVES, ROOT
 
+pytestmark = pytest.mark.slow  # every test here starts processes of its own
+
 TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
         "--data.tokenizer=byte", "--data.val_fraction=0.1", "--train.batch_size=8", "--train.eval_batches=2",
         "--train.log_interval=5", "--train.warmup_steps=2", "--train.lr=3e-3"]

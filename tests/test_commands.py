@@ -21,6 +21,7 @@ def test_pyproject_installs_the_command():
     assert getattr(importlib.import_module(module), function) is commands.run
 
 
+@pytest.mark.slow
 def test_help_lists_every_command():
     proc = subprocess.run([sys.executable, "-m", "gptjax", "--help"], capture_output=True, text=True, cwd=ROOT,
                           env=ENV, timeout=120)
@@ -29,6 +30,7 @@ def test_help_lists_every_command():
     assert listed == NAMES == list(commands.COMMANDS)
 
 
+@pytest.mark.slow
 def test_installed_command_runs_a_subcommand(tmp_path):
     """The program pip wrote from [project.scripts], where this environment has one (CI's does)."""
     program = Path(sys.executable).parent / "gptjax"
@@ -56,6 +58,7 @@ def test_each_subcommand_is_its_module(name, capsys, monkeypatch):
     assert capsys.readouterr().out == direct and direct.strip()
 
 
+@pytest.mark.slow
 def test_a_user_error_through_the_command_is_a_clean_exit(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gptjax", "data", "prepare", f"--data.corpus={tmp_path / 'nope'}"],
                           capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)

@@ -118,6 +118,7 @@ def test_sample_config_flat():
         parse_flat(SampleConfig, ["--top_p=0"], prog="sample.py")
 
 
+@pytest.mark.slow
 def test_help_lists_every_option_with_default():
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)

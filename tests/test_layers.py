@@ -103,6 +103,7 @@ def test_the_checker_sees_relative_and_deferred_imports(tmp_path):
     assert imports("gptjax.data.m", tmp_path / "m.py") == {"gptjax.train.trainer", "gptjax.data.documents"}
 
 
+@pytest.mark.slow
 def test_preparing_data_imports_no_jax():
     code = "import sys, gptjax.data, gptjax.data.__main__; print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

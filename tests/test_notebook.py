@@ -6,6 +6,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # every test here starts processes of its own
+
 REASON = 'the notebook test needs the test extra: pip install -e ".[test]"'
 nbclient = pytest.importorskip("nbclient", reason=REASON)
 nbformat = pytest.importorskip("nbformat", reason=REASON)

@@ -66,6 +66,7 @@ def test_eval_takes_relative_and_home_paths(home):
     no_literal_tilde(home.parent)
 
 
+@pytest.mark.slow
 def test_sample_py_with_a_relative_checkpoint_as_the_issue_ran_it(home):
     """The report's own command: sample.py --checkpoint=out/run, relative to where it is run."""
     (home / "prompt.txt").write_text("def ")

@@ -275,6 +275,7 @@ for _i, (_ours, _same) in enumerate(TABLE):
         assert ours.strip() and ours == same, (ours, same)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [s.name for s in STEPS])
 def test_command(journey, name):
     if name.startswith("gptjax") and not (BIN / "gptjax").is_file():
@@ -308,6 +309,7 @@ def notebook(journey):
     return {r["statement"]: r for r in got["records"]}, got["facts"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("statement", list(dict.fromkeys(readme.statements(README))))
 def test_python_statement(notebook, statement):
     recs, facts = notebook
@@ -315,11 +317,13 @@ def test_python_statement(notebook, statement):
     PY_CHECKS[statement](recs[statement], recs, facts)
 
 
+@pytest.mark.slow
 def test_load_at_a_step(notebook):
     recs, facts = notebook
     assert facts["at_step_2"] == 2 and facts["step"] == 4, facts
 
 
+@pytest.mark.slow
 def test_eval_scores_tasks_as_the_notebook_does(journey, notebook):
     """eval's last-word perplexity against the same log-likelihoods from gptjax.load().logprobs: the same
     output layer (the cpu preset's untied one) in both."""

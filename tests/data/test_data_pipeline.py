@@ -154,6 +154,7 @@ def test_bad_input_is_counted_named_and_skipped(tmp_path):
     assert decoded.count("a long text file") == 200  # what came before the damage is kept
 
 
+@pytest.mark.slow
 def test_nothing_usable_is_an_error_and_damages_nothing(tmp_path, corpus):
     folder = tmp_path / "d"
     data.prepare(DataConfig(corpus=str(corpus), tokenizer="byte"), folder, log=quiet)
@@ -244,6 +245,7 @@ def wait_for_commit(folder, after=None, timeout=60):
     raise AssertionError("the preparation recorded no progress in time")
 
 
+@pytest.mark.slow
 def test_sigkill_sigterm_and_ctrl_c_resume_byte_identical(tmp_path, big_corpus):
     corpus = big_corpus
     data.prepare(DataConfig(corpus=str(corpus)), tmp_path / "ref", log=quiet)
@@ -267,6 +269,7 @@ def test_sigkill_sigterm_and_ctrl_c_resume_byte_identical(tmp_path, big_corpus):
     assert not any(p.name.endswith(".partial") for p in folder.iterdir())
 
 
+@pytest.mark.slow
 def test_workers_end_with_their_parent(tmp_path, big_corpus):
     """A killed preparation leaves no worker behind: each ends when its input closes."""
     proc = subprocess.Popen([sys.executable, "-m", "gptjax.data", "prepare", f"--data.corpus={big_corpus}",
@@ -287,6 +290,7 @@ def test_workers_end_with_their_parent(tmp_path, big_corpus):
     assert not alive
 
 
+@pytest.mark.slow
 def test_a_worker_whose_input_is_cut_inside_a_chunk_ends():
     """A parent killed while it writes leaves a chunk's pickle cut short: the worker ends all the same (it
     waited forever for the next chunk when only a clean end of input was taken as the end)."""

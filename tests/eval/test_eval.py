@@ -163,6 +163,7 @@ def run_eval(*args, env=None):
                           cwd=ROOT, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_training_scores_tasks_and_the_command_line_evaluates(task_run, tmp_path):
     from gptjax import load
     from gptjax.train.trainer import train
@@ -236,6 +237,7 @@ def test_text_perplexity_agrees_with_transformers(tmp_path, monkeypatch):
     assert score.bits_per_byte == pytest.approx(nll / math.log(2) / sum(len(d.encode()) for d in docs), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_the_command_line_names_its_compute_dtype(tmp_path):
     """hf:DIR evaluates in float32 by default, even where auto means bfloat16; --dtype chooses another, and
     the `evaluating` line and the JSON both say which; the figure line keeps its form."""

@@ -25,6 +25,8 @@ from gptjax import load  # noqa: E402
 from gptjax.model.score import Scorer  # noqa: E402
 from gptjax.eval.tasks import read_task, score_task  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here starts processes of its own
+
 TASKS = {
     "gj_choice": """
 output_type: multiple_choice

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here starts processes of its own
+
 PROBE = """
 import resource, statistics
 from gptjax.runtime.cpu import tune_for_cpu

@@ -68,6 +68,7 @@ def test_a_wrong_injection_is_refused_with_the_accepted_form(monkeypatch):
             precision.decide()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("branch", BRANCHES)
 def test_train_resume_sample_and_load_on_each_branch(branch, corpus, tmp_path, monkeypatch):
     value, dtype, why = BRANCHES[branch]

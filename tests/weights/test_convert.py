@@ -182,6 +182,7 @@ def test_export_without_biases_and_with_sincos_positions(tmp_path):
     assert np.max(np.abs(logits(cfg, params, ids)[..., :70] - hf_logits(hf_model, ids))) <= 1e-4
 
 
+@pytest.mark.slow
 def test_command_line_and_load(tmp_path):
     # the full GPT-2 vocabulary, so that sample.py's text prompt has ids inside it
     make_hf(tmp_path / "hf", n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=50257)

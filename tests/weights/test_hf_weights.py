@@ -103,6 +103,7 @@ print("all done without torch")
 """
 
 
+@pytest.mark.slow
 def test_hf_weights_without_torch(tmp_path):
     write_hf_folder(tmp_path / "hf", **SHAPE)
     make_corpus(tmp_path / "corpus", n_docs=10)
