@@ -4,7 +4,7 @@ The step is the trainer's own (the same strategy, donation and one compilation),
 tokens prepared on the host and put on the devices one step ahead. Each timed round dispatches
 `--steps` steps and waits once at the end, as training does (metrics are read a step late, so the
 host never waits inside a round). Figures are medians over rounds: ms/step, tokens/s, achieved
-TFLOP/s (metrics.flops_per_token), MFU against the device's peak (metrics.PEAK_FLOPS, or
+TFLOP/s (flops.flops_per_token), MFU against the device's peak (flops.PEAK_FLOPS, or
 --peak-tflops), peak memory and compile time. On a CPU there is no data-sheet peak: a large
 float32 matrix product is timed in every round and its rate is the peak, which tracks the load
 that other programs put on the machine.
@@ -30,7 +30,7 @@ from gptjax.runtime import cpu
 from gptjax.runtime.timing import compile_seconds
 from gptjax.config import Config
 from gptjax.options import parse_args
-from gptjax.train.metrics import flops_per_token, peak_flops
+from gptjax.train.flops import flops_per_token, peak_flops
 from gptjax.model.gpt import attention_implementation, compute_dtype, count_params
 from gptjax.train.optim import make_optimizer
 from gptjax.train.parallel import STRATEGIES, select_devices

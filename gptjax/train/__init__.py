@@ -1,1 +1,2 @@
-"""Training: the run's set-up, the step, the optimizer, parallel strategies, many hosts, logs, the command."""
+"""Training: the run's set-up and its plan, the loop, its evaluations and checkpoints, the step, the
+optimizer, parallel strategies, many hosts, logs and progress, the command."""

@@ -177,12 +177,3 @@ def sole_writer(run_dir: Path, log=print):
         if lock is not None:
             lock.release()
 
-
-class Silent:
-    """Stands in for the metrics log on processes other than 0."""
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def close(self, failed: bool = False) -> None:
-        pass

@@ -17,7 +17,7 @@ from gptjax import paths
 
 from gptjax.runtime import disk
 from gptjax.errors import UserError, cli
-from gptjax.train.metrics import read_records
+from gptjax.train.logs import read_records
 
 
 MARKERS = "osD^v<>"

@@ -1,24 +1,239 @@
-"""What a run settles before its first step: the config completed by its tokenizer, the model's structure
-and initial parameters, a checkpoint read into the run's layout, and the checks that a resume or a
-fine-tune's source fits the run."""
+"""What a run decides before its first step, as one frozen Plan that the training loop, the evaluations
+and the saves read: the run directory and the checkpoint it resumes from, the config completed by the
+tokenizer (or taken from a fine-tune's source), the compute dtype and why, the data and its tokenizer, the
+eval tasks, the devices and the batch cut over them, the strategy, and the figures its progress is
+measured by.
+
+set_up decides them one step after another, each checking what it can before the next, more costly one
+(inputs before data, data before the model). Below it, the parts the bench and the tools use too: the
+config completed by a tokenizer, the model's structure and initial parameters, a checkpoint read into the
+run's layout, and the checks that a resume or a fine-tune's source fits the run."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gptjax import data as data_lib
 from gptjax.weights import sources as weights
-from gptjax.weights.checkpoint import Checkpointer
+from gptjax.weights.checkpoint import CHECKPOINTS, Checkpointer, checkpoint_bytes, remove_partial
 from gptjax.config import Config
+from gptjax.data import Dataset
 from gptjax.errors import UserError
-from gptjax.model.gpt import GPT, abstract
+from gptjax.eval.tasks import read_tasks
+from gptjax.model.gpt import GPT, abstract, count_params
 from gptjax.options import from_dict, to_dict
 from gptjax.model.stacked import relayout
+from gptjax.runtime import precision
 from gptjax.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_meta
+from gptjax.train import distributed
+from gptjax.train.flops import flops_per_token, peak_flops
+from gptjax.train.logs import check_wandb_installed
+from gptjax.train.optim import make_optimizer
+from gptjax.train.parallel import STRATEGIES, describe, parse_mesh, plan_batch, select_devices
+from gptjax.train.saving import AFTER_FAILURE
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run decided before its first step (set_up); none of it changes while the run trains."""
+
+    cfg: Config                  # complete: the vocabulary filled in, a fine-tune's model, the concrete dtype
+    given_dtype: str             # --model.dtype as given, which the run records (auto stays auto)
+    run_dir: Path
+    resume_from: int | None      # the step of the checkpoint the run continues from; None for a new run
+    elapsed_before: float        # seconds trained by the run's earlier starts
+    compute: precision.Decision  # the compute dtype and why, as the header says it
+    compute_reason: str          # the why that checkpoints record (for auto, the run's first start's)
+    ds: Dataset
+    tok: Tokenizer
+    tasks: list                  # the eval tasks of --train.eval_tasks, read and checked
+    devices: list
+    mesh_shape: tuple[int, int]  # (data, model)
+    accum: int                   # micro-batches per step
+    micro: int                   # sequences per micro-batch
+    graphdef: Any
+    strategy: Any                # a gptjax.train.parallel strategy: the placement and the compiled step
+    n_params: int
+    tokens_per_step: int
+    flops_per_step: float
+    peak: float | None           # the devices' peak FLOP/s together, where their data sheet is known
+    checkpoint_bytes: int        # the size of one checkpoint of this model and optimizer
+    val_bytes: int               # the bytes the validation batches' targets cover (the same at every evaluation)
+
+    @property
+    def start_step(self) -> int:
+        """The first step this start trains: the resume point's, or 0 for a new run."""
+        return self.resume_from or 0
+
+    def as_given(self) -> Config:
+        """The config as the run is recorded: its dtype as given (auto stays auto, for readers elsewhere)."""
+        return dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, dtype=self.given_dtype))
+
+
+def set_up(cfg: Config, log) -> tuple[Plan, Checkpointer, dict]:
+    """Decide the run in `cfg.out_dir`, whose lock the caller holds. Returns the plan, the run's checkpointer
+    (its folder created only once the inputs and the data are checked) and the training state to start from."""
+    run_dir = Path(cfg.out_dir)
+    cfg, given_vocab, source = _settle_config(cfg)
+    # task files are read before any data is prepared, so that their mistakes cost nothing; a tokenizer
+    # learned from the corpus is known only once the data is, and its tasks are read then
+    known_tok = source.tokenizer if source else (
+        None if cfg.data.tokenizer == "bpe" else get_tokenizer(cfg.data.tokenizer))
+    tasks = _read_tasks(cfg.train.eval_tasks, known_tok, cfg.model.block_size, log) if known_tok else []
+    ckpt, latest, saved = _find_resume_point(cfg, run_dir, log)
+    given_dtype = cfg.model.dtype
+    cfg, compute, compute_reason = _settle_dtype(cfg, saved)
+    devices, mesh_shape, accum, micro = _plan_devices(cfg.train, log)
+    ds = _load_data(cfg, run_dir, source, log)
+    if known_tok is None:
+        tasks = _read_tasks(cfg.train.eval_tasks, ds.tokenizer, cfg.model.block_size, log)
+    cfg = _complete_config(cfg, ds.tokenizer, given_vocab, latest, saved, run_dir)
+    t = cfg.train
+    ckpt = ckpt or Checkpointer(run_dir, keep=t.keep_checkpoints, then=AFTER_FAILURE)
+    graphdef, strategy, shapes, state = _build_state(cfg, devices, ckpt, latest, saved, source, log)
+    n_params = count_params(shapes["params"])
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
+    peak = peak_flops(devices[0])
+    plan = Plan(cfg=cfg, given_dtype=given_dtype, run_dir=run_dir, resume_from=latest,
+                elapsed_before=float(saved.get("elapsed_s", 0.0)) if saved is not None else 0.0,
+                compute=compute, compute_reason=compute_reason, ds=ds, tok=ds.tokenizer, tasks=tasks,
+                devices=devices, mesh_shape=mesh_shape, accum=accum, micro=micro, graphdef=graphdef,
+                strategy=strategy, n_params=n_params, tokens_per_step=tokens_per_step,
+                flops_per_step=flops_per_token(cfg.model, n_params) * tokens_per_step,
+                peak=peak * len(devices) if peak else None,
+                checkpoint_bytes=checkpoint_bytes(shapes["params"], shapes["opt_state"]),
+                val_bytes=sum(ds.tokenizer.count_bytes(data_lib.val_batch(ds, cfg.model.block_size, t.seed, i,
+                                                                          micro)[1]) for i in range(t.eval_batches)))
+    return plan, ckpt, state
+
+
+def _settle_config(cfg: Config):
+    """The run's config with the vocabulary size filled in, and for a fine-tune its source's model and
+    tokenizer. Returns (cfg, the vocabulary size as given, the fine-tune's source or None)."""
+    given_vocab = cfg.model.vocab_size
+    cfg = resolve(cfg)
+    if cfg.train.wandb:
+        check_wandb_installed(cfg.train.wandb)
+    source = None
+    if cfg.train.init_from:
+        cfg, source = adopt_source_model(cfg)
+        given_vocab = cfg.model.vocab_size
+    return cfg, given_vocab, source
+
+
+def _read_tasks(spec: str, tok, block_size: int, log) -> list:
+    tasks = read_tasks(spec, tok, block_size) if spec else []
+    for task in tasks:
+        log(f"eval task {task.name}: {len(task.examples):,} {task.kind.replace('_', ' ')} examples from {task.path}")
+        if task.warning():
+            log(task.warning())
+    return tasks
+
+
+def _find_resume_point(cfg: Config, run_dir: Path, log):
+    """The newest intact checkpoint to continue from, or None for a new run; refuses to write over a
+    run that was not asked to resume, and a checkpoint of another model. Returns (the checkpointer of a
+    run that has checkpoints or None, the step or None, its meta or None)."""
+    t = cfg.train
+    # open (and so create) the checkpoint folder only once the inputs have been checked
+    existing = (run_dir / CHECKPOINTS).is_dir()
+    if existing and distributed.is_primary():
+        remove_partial(run_dir / CHECKPOINTS)  # left by a save that was killed or refused by a full disk
+    ckpt = Checkpointer(run_dir, keep=t.keep_checkpoints, create=False, then=AFTER_FAILURE) if existing else None
+    latest = ckpt.latest_step() if ckpt else None
+    if latest is not None and not t.resume:
+        raise UserError(f"{run_dir} already holds checkpoints (latest: step {latest}). Pass --train.resume=true "
+                        "to continue that run, or choose another --out_dir; nothing was changed.")
+    if t.resume and latest is None:
+        log(f"resume: no checkpoint in {run_dir} yet; starting from scratch")
+    saved = None
+    if latest is not None:
+        saved = ckpt.read_meta(latest)
+        check_resumable(saved, cfg, run_dir)
+    return ckpt, latest, saved
+
+
+def _settle_dtype(cfg: Config, saved: dict | None):
+    """The compute dtype the model is built in, decided before anything is traced (auto's measurement runs
+    real products): as set, or what auto stands for here (the same on every process of the run), or for a
+    resumed auto run the one it started with, so that a resume computes what the run computed. The config
+    written to the run keeps the dtype as given. Returns (cfg with the concrete dtype, the decision for the
+    header, the reason checkpoints record)."""
+    if cfg.model.dtype != "auto":
+        decision = precision.explain(cfg.model.dtype)
+        return cfg, decision, decision.why
+    if saved is not None and saved.get("compute_dtype") in ("float32", "bfloat16"):
+        reason = saved.get("compute_why", "not recorded")
+        decision = precision.Decision(saved["compute_dtype"], f"auto: as this run decided at its start, {reason}; "
+                                      "--model.dtype= changes it")
+    else:
+        if jax.process_count() > 1:  # every process computes alike: bfloat16 only where all chose it
+            precision.agree(not distributed.any_process(precision.decide().dtype != "bfloat16"))
+        reason = precision.decide().why
+        decision = precision.explain("auto")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=decision.dtype)), decision, reason
+
+
+def _plan_devices(t, log):
+    """The devices, and the batch cut into micro-batches that split evenly over them.
+    Returns (devices, mesh shape (data, model), micro-batches per step, sequences per micro-batch)."""
+    devices = select_devices(t.devices)
+    mesh_shape = parse_mesh(t.mesh, len(devices), jax.process_count())
+    accum, micro = plan_batch(t.batch_size, t.grad_accum, mesh_shape[0], jax.process_count())
+    if (accum, micro) != (t.grad_accum, t.batch_size):
+        log(f"batch: {t.grad_accum} x {t.batch_size} sequences re-cut as {accum} x {micro}, "
+            f"which splits evenly over {describe(devices)}")
+    return devices, mesh_shape, accum, micro
+
+
+def _load_data(cfg: Config, run_dir: Path, source, log) -> Dataset:
+    """The token shards (prepared by process 0 first, if they are not ready) and their tokenizer."""
+    ds = distributed.process_0_first(lambda: data_lib.load(
+        cfg.data, run_dir / "data", log=log, tokenizer=source.tokenizer if source else None))
+    data_lib.check_fits(ds, cfg.model.block_size)
+    return ds
+
+
+def _complete_config(cfg: Config, tok: Tokenizer, given_vocab, latest, saved, run_dir: Path) -> Config:
+    """The config with the vocabulary a learned tokenizer has, checked against the checkpoint's."""
+    cfg = resolve(cfg, tok, given_vocab)
+    if latest is not None and tok.ranks_text:
+        check_same_tokenizer(saved, tok, run_dir)
+        check_resumable(saved, cfg, run_dir)
+    return cfg
+
+
+def _build_state(cfg: Config, devices: list, ckpt: Checkpointer, latest, saved, source, log):
+    """The strategy, and the training state created, restored or taken from the fine-tune's source
+    straight into its layout: with fsdp no process holds the whole state.
+    Returns (the model's structure, the strategy, the state's shapes, the state)."""
+    t = cfg.train
+    graphdef, make_params = model_init(cfg)
+    tx = make_optimizer(t)
+
+    def make_state():
+        params = make_params()
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+
+    shapes = jax.eval_shape(make_state)
+    strategy = STRATEGIES[t.parallel](graphdef, tx, cfg.model.dropout, devices, t.on_nonfinite == "skip",
+                                      loss_chunk=t.loss_chunk, remat=t.remat, mesh=t.mesh)
+    if latest is not None:
+        state = strategy.put_state(restore_state(ckpt, latest, saved, shapes, strategy, cfg.model.scan_layers))
+        log(f"resume: continuing from step {latest} of {Path(cfg.out_dir)}")
+    elif source is not None:  # read whole, as sampling reads it
+        params = relayout(source.params, cfg.model.scan_layers)
+        state = strategy.put_state({"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.int32(0)})
+        log(f"init: weights from {t.init_from}")
+    else:
+        state = strategy.init_state(make_state)
+    return graphdef, strategy, shapes, state
 
 
 def resolve(cfg: Config, tok: Tokenizer | None = None, given_vocab: int | None = None) -> Config:

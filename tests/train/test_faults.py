@@ -183,7 +183,7 @@ def test_metrics_plot_and_conversion_on_a_full_disk(small_disk, tmp_path):
     from gptjax.weights import hf
     from gptjax.config import Config, ModelConfig
     from gptjax.weights.hf import abstract_params
-    from gptjax.train.metrics import MetricsLog
+    from gptjax.train.logs import MetricsLog
 
     run = small_disk / "run"
     run.mkdir()

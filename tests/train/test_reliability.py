@@ -15,7 +15,7 @@ from gptjax import data, load
 from gptjax.weights.checkpoint import Checkpointer
 from gptjax.config import DataConfig
 from gptjax.errors import UserError
-from gptjax.train.metrics import Progress
+from gptjax.train.progress import Progress
 from gptjax.train.oom import is_out_of_memory, out_of_memory_error
 from gptjax.train.trainer import train
 

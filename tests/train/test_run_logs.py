@@ -18,7 +18,7 @@ from gptjax.errors import UserError
 from gptjax.options import to_dict
 from gptjax.train.setup import resolve
 from gptjax.train.trainer import train
-from gptjax.train.wandb_log import WandbLog
+from gptjax.train.logs import WandbLog
 
 HAS_WANDB = importlib.util.find_spec("wandb") is not None
 HAS_TENSORBOARD = all(importlib.util.find_spec(m) is not None for m in ("tensorboardX", "tensorboard"))

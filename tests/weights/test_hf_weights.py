@@ -85,7 +85,7 @@ assert back.keys() == written.keys() and all(np.array_equal(back[k], written[k])
 # --train.init_from=hf:DIR: the run starts from the folder's weights (its steps are any run's steps)
 trainer = Trainer(parse_args([f"--train.init_from=hf:{hf}", f"--data.corpus={tmp / 'corpus'}",
                               f"--out_dir={tmp / 'tuned'}", "--data.tokenizer=gpt2", "--train.batch_size=4"]))
-start = trainer.strategy.host_params(trainer.state)
+start = trainer.plan.strategy.host_params(trainer.state)
 trainer.close()
 assert np.array_equal(np.asarray(start["h"][1]["mlp"]["c_fc"]["kernel"]), written["transformer.h.1.mlp.c_fc.weight"])
 

@@ -1,40 +1,38 @@
-"""What a run reports: FLOPs and MFU, the metrics.jsonl log (and TensorBoard events when
-tensorboardX is installed, a W&B run with --train.wandb), and the progress display (a bar in a
-terminal, plain lines in logs)."""
+"""Every place a run's figures go, and the way back: metrics.jsonl (MetricsLog, which hands each record
+on to the other logs), TensorBoard events when tensorboardX is installed, a Weights & Biases run with
+--train.wandb, Silent on the processes other than 0, and read_records, which reads a metrics.jsonl.
+
+W&B: what metrics.jsonl records goes to W&B at the same steps, from process 0 only. The W&B run's id is
+kept in <out_dir>/wandb.json, so that a training resumed from a checkpoint (--train.resume=true)
+continues the same W&B run; a fresh start makes a new one. W&B's files go to <out_dir>/wandb/, and
+its own settings apply as usual: WANDB_MODE=offline keeps the run there for `wandb sync`,
+WANDB_ENTITY names the team, `wandb login` or WANDB_API_KEY the account.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import sys
+import secrets
 import threading
 import weakref
-import time
 from pathlib import Path
 
 from gptjax.runtime import disk
-from gptjax.runtime.timing import fmt_time
-from gptjax.config import ModelConfig
+from gptjax.config import Config
+from gptjax.errors import UserError
+from gptjax.options import to_dict
 
-# Dense bf16 peak FLOP/s per device, from the vendors' data sheets, by substrings of jax's device_kind.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
-              "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6": 918e12}
-
-
-def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
-    """Training FLOPs per token: 6 per weight (forward and backward) plus attention's scores and mixing.
-    A lookup costs nothing: the position table, and the token embedding when the output layer is another."""
-    lookups = cfg.block_size * (cfg.pos_encoding == "learned") + cfg.padded_vocab_size * (not cfg.tie_embeddings)
-    n_matmul = n_params - lookups * cfg.n_embd
-    return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+WANDB_INSTALL = 'pip install "gptjax[wandb]"'
+WANDB_ID_FILE = "wandb.json"
 
 
-def peak_flops(device) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    for name, flops in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return flops
-    return None
+def open_logs(cfg: Config, run_dir: Path, resume_step: int | None, then: str) -> MetricsLog:
+    """Process 0's logs of a run: metrics.jsonl, which hands its records to TensorBoard and, with
+    --train.wandb, W&B. `resume_step`: the checkpoint a resumed run continues from, None for a new run."""
+    others = [WandbLog(cfg, run_dir, resuming=resume_step is not None)] if cfg.train.wandb else []
+    return MetricsLog(run_dir, resume_step, others, then=then)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -165,46 +163,58 @@ class TensorBoardLog:
                 self.writer.close()
 
 
-class Progress:
-    """Step lines at intervals; in a terminal, a bar that redraws after every step instead."""
-
-    def __init__(self, total: int, log=print, bar: bool | None = None):
-        self.total, self.log = total, log
-        self.bar = (log is print and sys.stdout.isatty()) if bar is None else bar
-        self.drawn = False
-
-    def line(self, message: str) -> None:
-        """A line that stays (evaluations, checkpoints, warnings)."""
-        if self.drawn:
-            sys.stdout.write("\r\033[K")
-            self.drawn = False
-        self.log(message)
-
-    def step(self, done: int, loss: float, bpb: float, rate: float, eta: float, lr: float, at_interval: bool) -> None:
-        text = f"loss {loss:.4f} | {bpb:.3f} bits/byte | lr {lr:.2e} | {rate:,.0f} tok/s | left {fmt_time(eta)}"
-        if self.bar:
-            width = 24
-            filled = int(width * done / max(self.total, 1))
-            sys.stdout.write(f"\r\033[K{done:>6}/{self.total} [{'#' * filled}{'.' * (width - filled)}] {text}")
-            sys.stdout.flush()
-            self.drawn = True
-        elif at_interval:
-            self.log(f"step {done:>6} | {text}")
+def check_wandb_installed(project: str) -> None:
+    """Refuse --train.wandb before any work when the wandb package is missing, saying how to install it."""
+    if importlib.util.find_spec("wandb") is None:
+        raise UserError(f"--train.wandb={project} logs to Weights & Biases, but the wandb package is not installed: "
+                        f"{WANDB_INSTALL} (or pip install wandb). Leave --train.wandb empty to train without it.")
 
 
-class Rate:
-    """Tokens per second over the steps since the last reading (the first window includes compilation)."""
+def _wandb_run_id(run_dir: Path, project: str, resuming: bool) -> str:
+    """The id of the W&B run this training continues, or a new one."""
+    if resuming and (run_dir / WANDB_ID_FILE).is_file():
+        saved = json.loads((run_dir / WANDB_ID_FILE).read_text())
+        if saved.get("project") == project and saved.get("id"):
+            return saved["id"]
+    return secrets.token_hex(4)  # W&B's ids are 8 lowercase letters and digits too
 
-    def __init__(self, tokens_per_step: int):
-        self.tokens_per_step = tokens_per_step
-        self.start, self.steps, self.last = time.time(), 0, 0.0
 
-    def tick(self) -> None:
-        self.steps += 1
+class WandbLog:
+    """A W&B run of --train.wandb's project, named, tagged and given the full config."""
 
-    def read(self, reset: bool) -> float:
-        if self.steps:
-            self.last = self.steps * self.tokens_per_step / max(time.time() - self.start, 1e-9)
-        if reset:
-            self.start, self.steps = time.time(), 0
-        return self.last
+    def __init__(self, cfg: Config, run_dir: Path, resuming: bool):
+        import wandb
+
+        t = cfg.train
+        run_id = _wandb_run_id(run_dir, t.wandb, resuming)
+        tags = [tag.strip() for tag in t.wandb_tags.split(",") if tag.strip()]
+        try:
+            self.run = wandb.init(project=t.wandb, name=t.wandb_name or Path(cfg.out_dir).resolve().name, tags=tags,
+                                  config=to_dict(cfg), dir=str(run_dir), id=run_id, resume="allow")
+        except wandb.errors.Error as e:
+            raise UserError(f"Weights & Biases could not start the run of --train.wandb={t.wandb}: "
+                            f"{str(e).rstrip('.')}. Log in with "
+                            "`wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to keep the run in "
+                            f"{run_dir / 'wandb'} and upload it later with `wandb sync`.") from None
+        (run_dir / WANDB_ID_FILE).write_text(json.dumps({"project": t.wandb, "id": run_id}) + "\n")
+        # run.step is the step of the next log(): for a resumed online run, the one after the last step
+        # W&B holds. What an interrupted training logged past its checkpoint is there already (and,
+        # resumed exactly, the same), and W&B would refuse those steps with a warning each.
+        self.first_step = self.run.step if resuming else 0
+
+    def write(self, record: dict) -> None:
+        if record["step"] >= self.first_step:
+            self.run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+class Silent:
+    """Stands in for the metrics log on processes other than 0."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self, failed: bool = False) -> None:
+        pass
