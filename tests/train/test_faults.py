@@ -116,6 +116,7 @@ def fill(disk: Path, leave: int) -> Path:
     return ballast
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_training_cleanly_and_resumes_exactly(reference, disk_or_injected, tmp_path):
     corpus, expected = reference
     disk = disk_or_injected
@@ -154,6 +155,7 @@ def test_a_full_disk_stops_training_cleanly_and_resumes_exactly(reference, disk_
     assert losses(run) == expected  # bit for bit, every step
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_preparing_data_keeps_the_work_done(small_disk, tmp_path, monkeypatch):
     from gptjax.data import pipeline
 
@@ -178,6 +180,7 @@ def test_a_full_disk_while_preparing_data_keeps_the_work_done(small_disk, tmp_pa
     assert all((folder / f).read_bytes() == (tmp_path / "ref" / f).read_bytes() for f in ("train.bin", "val.bin"))
 
 
+@pytest.mark.slow
 def test_metrics_plot_and_conversion_on_a_full_disk(small_disk, tmp_path):
     from gptjax.train import plot
     from gptjax.weights import hf
@@ -213,6 +216,7 @@ def test_metrics_plot_and_conversion_on_a_full_disk(small_disk, tmp_path):
     ballast.unlink()  # so that tensorboardX's own last flush, at exit, finds room
 
 
+@pytest.mark.slow
 def test_a_second_trainer_is_refused_and_a_killed_ones_run_is_taken_over(reference, tmp_path):
     corpus, expected = reference
     run = tmp_path / "run"
@@ -241,6 +245,7 @@ def test_a_second_trainer_is_refused_and_a_killed_ones_run_is_taken_over(referen
     assert losses(run) == expected
 
 
+@pytest.mark.slow
 def test_a_run_is_read_a_hundred_times_while_it_checkpoints_every_step(tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
     run = tmp_path / "run"

@@ -70,6 +70,7 @@ def losses(path) -> list[float]:
     return [h["loss"][str(s)] for s in range(1, STEPS + 1)]
 
 
+@pytest.mark.slow
 def test_every_layout_trains_the_same_model(corpus, tmp_path):
     # a checkpoint at step 2 too: saving mid-run must not race the next step's donated buffers
     cfg = tiny_config(tmp_path / "ref", corpus, max_steps=MAX_STEPS, ckpt_interval=CKPT, eval_interval=STEPS)
@@ -126,6 +127,7 @@ def scanned(cfg, scan: bool):
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=scan))
 
 
+@pytest.mark.slow
 def test_fsdp_holds_an_eighth_of_the_state_per_device():
     code = (f"import os; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8 {PATIENT_COLLECTIVES}'; "
             "import json; "
@@ -181,6 +183,7 @@ def test_cluster_detection(monkeypatch):
     assert detect_cluster() == "SLURM"
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_fails_in_bounded_time_naming_it(tmp_path):
     port, other_port = free_port(), free_port()  # nothing listens on `port`
     base = [sys.executable, "train.py", f"--out_dir={tmp_path / 'run'}", "--dist.num_processes=2", "--dist.timeout=2"]

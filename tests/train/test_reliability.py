@@ -24,6 +24,7 @@ def quiet(_):
     pass
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_resumes_exactly(reference, tmp_path):
     corpus, expected = reference
     run = tmp_path / "run"
@@ -40,6 +41,7 @@ def test_sigkill_at_any_moment_resumes_exactly(reference, tmp_path):
     assert losses(run) == expected  # bit for bit, every step
 
 
+@pytest.mark.slow
 def test_signals_save_and_exit_cleanly(reference, tmp_path):
     """SIGTERM on a new run, then SIGINT on its resumed run (one chain of processes serves both signals),
     then a resume to the end: the uninterrupted losses, bit for bit."""
@@ -97,6 +99,7 @@ def test_retention_keeps_the_latest_and_the_best(tmp_path):
     assert ckpt.all_steps() == [3, 6, 7]  # the best (3.0) and the two latest
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_is_named_and_others_still_load(corpus, tmp_path):
     train(tiny_config(tmp_path / "run", corpus, max_steps=6, ckpt_interval=3), log=quiet)
     params_dir = tmp_path / "run" / "checkpoints" / "6" / "params"
@@ -288,6 +291,7 @@ def test_progress_bar_in_a_terminal_and_lines_in_a_log(capsys):
     assert lines == ["step      4 | loss 2.4000 | 1.200 bits/byte | lr 1.00e-03 | 1,000 tok/s | left 0:00:06"]
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png(corpus, tmp_path):
     pytest.importorskip("matplotlib", reason="plotting needs matplotlib")
     for name in ("a", "b"):
