@@ -12,7 +12,7 @@ from flax import nnx
 
 from gptjax.runtime import precision
 
-from gptjax.weights import sources as weights
+from gptjax.weights import sources
 from gptjax.config import Config
 from gptjax.errors import UserError
 from gptjax.model.score import Scorer, sliding_windows
@@ -171,6 +171,6 @@ def load(path: str | Path, step: int | None = None, dtype: str | None = None) ->
     'hf:DIR' reads a local Hugging Face GPT-2 folder instead (gptjax.weights.hf). `dtype` sets the compute
     dtype: bfloat16 reads half the bytes per decoded token; parameters are kept as stored.
     """
-    source = weights.read(path, step, dtype)
+    source = sources.read(path, step, dtype)
     graphdef, _ = abstract(source.config.model)
     return Pretrained(source.config, graphdef, source.params, source.step, source.path, source.tokenizer)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax import data as data_lib
-from gptjax.weights import sources as weights
+from gptjax.weights import sources
 from gptjax.weights.checkpoint import CHECKPOINTS, Checkpointer, checkpoint_bytes, remove_partial
 from gptjax.config import Config
 from gptjax.data import Dataset
@@ -316,7 +316,7 @@ def check_same_tokenizer(saved: dict, tok: Tokenizer, run_dir: Path) -> None:
 def adopt_source_model(cfg: Config):
     """For --train.init_from: the config with the source's model shape (keeping this run's dropout, dtype
     and layer layout) and tokenizer (a learned one then tokenizes this run's corpus too), and the source."""
-    src = weights.read(cfg.train.init_from)
+    src = sources.read(cfg.train.init_from)
     # a model reads only its own tokens: the fine-tune takes its source's tokenizer, whatever the preset's
     data = dataclasses.replace(cfg.data, tokenizer=src.tokenizer.name)
     model = dataclasses.replace(src.config.model, dropout=cfg.model.dropout, dtype=cfg.model.dtype,

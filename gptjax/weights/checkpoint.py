@@ -32,7 +32,7 @@ from gptjax import paths
 
 from gptjax.runtime import disk
 
-from gptjax.weights import faults as checkpoint_faults
+from gptjax.weights import faults
 from gptjax.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -126,7 +126,7 @@ def _step_error(ckpt_dir: Path, step: int, error: Exception, items: dict) -> Exc
                                   f"gptjax.load without step), which is never deleted.{now}")
     hint = (f" Other checkpoints here: steps {others}; choose one with --step (sample.py, gptjax.load) or move this "
             "one aside to resume from the one before." if others else "")
-    found = checkpoint_faults.diagnose(step_dir, error, items)
+    found = faults.diagnose(step_dir, error, items)
     if found is None:
         error.add_note(f"gptjax was reading checkpoint {path} when this was raised. The files it needs are there "
                        "and none is known to be damaged: this is most likely a bug in gptjax or in how it calls "

@@ -16,7 +16,7 @@ from gptjax import paths
 
 from gptjax.runtime import disk
 
-from gptjax.weights import sources as weights
+from gptjax.weights import sources
 from gptjax.weights.checkpoint import CHECKPOINTS, Checkpointer
 from gptjax.config import Config
 from gptjax.errors import UserError, cli
@@ -30,7 +30,7 @@ USAGE = ("usage: gptjax convert from-hf HF_DIR OUT_DIR\n"
 
 def load_params(path, step: int | None = None) -> tuple[Config, dict]:
     """(config, nested float32 params) of a gptjax run directory or of 'hf:DIR'."""
-    source = weights.read(path, step)
+    source = sources.read(path, step)
     return source.config, source.params
 
 
