@@ -2,15 +2,9 @@
 
 import os
 
-# XLA's CPU collectives end the process when a device's thread has not joined an all-reduce within 40 s.
-# Simulated devices are threads sharing the machine's cores, and the suite runs several 8-device trainings
-# at once on 2 cores, where a thread can wait longer than that for a core: CI aborted twice so (rendezvous
-# "Termination timeout ... Expected 8 threads ... only 7 of them arrived"). A patient limit for the tests;
-# tests/layout_worker.py gives its processes the same.
-PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
-                       "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4 "
-                           + PATIENT_COLLECTIVES).strip()
+from xla_flags import xla_flags  # a module without side effects, which explains the flags
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(4)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import atexit  # noqa: E402
@@ -112,7 +106,7 @@ ARGS = ["--model.dtype=float32", "--model.n_layer=2", "--model.n_head=2", "--mod
 def start(out_dir, corpus, *extra, args=ARGS, env=None):
     """train.py in a process of its own, on one CPU device, output (stdout and stderr) in a pipe;
     `env` adds to its (otherwise minimal, but for the session's compilation cache) environment."""
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+    env = {"XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu",
            "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1", **JAX_CACHE_ENV, **(env or {})}
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"--data.corpus={corpus}",
                              f"--out_dir={out_dir}", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

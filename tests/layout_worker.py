@@ -11,11 +11,11 @@ processes, the place among them) must be set before JAX starts, which a pytest p
 import os
 import sys
 
+from xla_flags import xla_flags  # this script's folder is first on sys.path
+
 mode, devices = sys.argv[1], (sys.argv[2] if sys.argv[1] == "train" else "1")
-# patient collectives, as tests/conftest.py explains: these processes run side by side on few cores
-os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                           "--xla_cpu_collective_call_terminate_timeout_seconds=900 "
-                           "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
+# patient collectives, quick compilation (tests/xla_flags.py): these processes run side by side on few cores
+os.environ["XLA_FLAGS"] = xla_flags(int(devices))
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import json  # noqa: E402

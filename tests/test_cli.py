@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from conftest import JAX_CACHE_ENV, PATIENT_COLLECTIVES, ROOT
+from conftest import JAX_CACHE_ENV, ROOT
+from xla_flags import xla_flags
 
 pytestmark = pytest.mark.slow  # every test here starts processes of its own
 
@@ -18,7 +19,7 @@ TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.b
 
 
 def run(script, *args, stdin=None, env_devices=1):
-    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={env_devices} {PATIENT_COLLECTIVES}", "JAX_PLATFORMS": "cpu",
+    env = {"XLA_FLAGS": xla_flags(env_devices), "JAX_PLATFORMS": "cpu",
            "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1", **JAX_CACHE_ENV}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           input=stdin, cwd=ROOT, env=env, timeout=300)
@@ -26,7 +27,7 @@ def run(script, *args, stdin=None, env_devices=1):
 
 def run_in_terminal(script, *args) -> tuple[int, str]:
     """Run with standard output on a pseudo-terminal, as in a person's shell; return the code and the output."""
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
+    env = {"XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
            **JAX_CACHE_ENV}
     leader, follower = pty.openpty()
     proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], stdout=follower,

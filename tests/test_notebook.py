@@ -5,6 +5,7 @@ import os
 import pytest
 
 from conftest import ROOT
+from xla_flags import xla_flags
 
 pytestmark = pytest.mark.slow  # every test here starts processes of its own
 
@@ -19,7 +20,7 @@ def test_quickstart_notebook_runs(tmp_path):
     nb = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
     # one CPU device, as on a laptop (conftest simulates 4 for this process); gptjax importable from the
     # checkout even where it is not installed
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import JAX_CACHE_ENV, ROOT, make_corpus, tiny_config
 from gptjax import load
+from xla_flags import xla_flags
 
 
 @pytest.fixture
@@ -70,7 +71,7 @@ def test_eval_takes_relative_and_home_paths(home):
 def test_sample_py_with_a_relative_checkpoint_as_the_issue_ran_it(home):
     """The report's own command: sample.py --checkpoint=out/run, relative to where it is run."""
     (home / "prompt.txt").write_text("def ")
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
+    env = {"XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
            "HOME": str(home), **JAX_CACHE_ENV}
     proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--checkpoint=run", "--prompt_file=~/prompt.txt",
                            "--max_new_tokens=4", "--output=~/samples.jsonl"], capture_output=True, text=True,

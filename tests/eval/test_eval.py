@@ -20,6 +20,7 @@ from gptjax.eval.tasks import read_task, score_task
 from gptjax.eval.text import check_stride, score_text
 from gptjax.model.score import Scorer, _score, sliding_windows
 from builders import T, byte_model
+from xla_flags import xla_flags
 
 DOCS = ["def f(x):\n    return x * 2\n", "héllo wörld, ünïcode → bytes\n" * 3, "x = [i * i for i in range(10)]\n" * 2]
 
@@ -157,7 +158,7 @@ def test_bad_task_lines_are_named(tmp_path, line, message):
 
 
 def run_eval(*args, env=None):
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
+    env = {"XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
            **JAX_CACHE_ENV, **(env or {})}
     return subprocess.run([sys.executable, "-m", "gptjax.eval", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=300)

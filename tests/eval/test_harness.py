@@ -24,6 +24,7 @@ from conftest import JAX_CACHE_ENV, ROOT  # noqa: E402
 from gptjax import load  # noqa: E402
 from gptjax.model.score import Scorer  # noqa: E402
 from gptjax.eval.tasks import read_task, score_task  # noqa: E402
+from xla_flags import xla_flags  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test here starts processes of its own
 
@@ -84,7 +85,7 @@ def test_lm_eval_runs_gptjax_on_local_tasks(task_run, tmp_path):
     shutil.copy(ROOT / "gptjax" / "eval" / "lm_eval_hook.py", site_dir / "gptjax_lm_eval_hook.py")
     code = ("import site, sys; site.addsitedir(sys.argv.pop(1)); from lm_eval.__main__ import cli_evaluate; "
             "sys.argv[0] = 'lm_eval'; cli_evaluate()")
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", **JAX_CACHE_ENV,
+    env = {"XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", **JAX_CACHE_ENV,
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     started = time.perf_counter()

@@ -15,6 +15,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xla_flags import xla_flags
+
 BIN = Path(sys.executable).parent  # the environment's bin: its python and its gptjax and lm_eval programs
 
 
@@ -39,7 +41,7 @@ class Journey:
 def environment(home: Path, cache: dict[str, str]) -> dict[str, str]:
     """A newcomer's shell: the environment's python first on the PATH, a home of its own, one CPU device."""
     return {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(home), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "MPLBACKEND": "Agg", **cache}
+            "XLA_FLAGS": xla_flags(1), "MPLBACKEND": "Agg", **cache}
 
 
 def execute(step: Step, clone: Path, env: dict[str, str], timeout: float) -> dict:

@@ -13,6 +13,7 @@ from readme_journey.commands import RUN
 from readme_journey.files import LAMBADA, make_files
 from readme_journey.readme import shrunk
 from readme_journey.runner import Step, environment, run_steps
+from xla_flags import xla_flags
 
 README = ROOT / "README.md"
 NOTEBOOK = ROOT / "tests" / "readme_journey" / "notebook.py"
@@ -70,9 +71,10 @@ STEPS = [
         "python -m gptjax.data prepare --config=gpt2-124m --data.corpus='fineweb/*.parquet' --data.dir=shards/fineweb"),
     run("train fineweb", "python train.py --config=gpt2-124m --data.dir=shards/fineweb", after=("prepare fineweb",)),
     # gptjax.bench.memory asks for --train.devices simulated devices itself, unless XLA_FLAGS already names a count
-    run("memory", "gptjax memory --config=gpt2-1.5b --train.devices=8", env={"XLA_FLAGS": None}),
+# (the journey's flags without a device count)
+    run("memory", "gptjax memory --config=gpt2-1.5b --train.devices=8", env={"XLA_FLAGS": xla_flags()}),
     run("memory remat", "gptjax memory --config=gpt2-1.5b --train.devices=8 --train.remat=block",
-        env={"XLA_FLAGS": None}),
+        env={"XLA_FLAGS": xla_flags()}),
     # the "One command" table: each row's help against the help of what it is the same as
     *[Step(f"{ours} --help", f"{ours} --help > ../help-{i}-ours.txt && {same} --help > ../help-{i}-same.txt")
       for i, (ours, same) in enumerate(TABLE)],

@@ -14,6 +14,7 @@ from gptjax.runtime import precision
 from gptjax.config import ModelConfig
 from gptjax.errors import UserError
 from gptjax.model.gpt import GPT
+from xla_flags import xla_flags
 
 # (GPTJAX_HARDWARE, what auto must choose, words of the reason the run's header gives)
 BRANCHES = {
@@ -89,7 +90,8 @@ def test_train_resume_sample_and_load_on_each_branch(branch, corpus, tmp_path, m
     assert 'dtype = "auto"' in (out / "config.toml").read_text()  # recorded as given, for readers elsewhere
     sample = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={out}", "--prompt=def ",
                              "--max_new_tokens=8", "--temperature=0"], capture_output=True, text=True, cwd=tmp_path,
-                            env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", **JAX_CACHE_ENV, **env},
+                            env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1), **JAX_CACHE_ENV,
+                                 **env},
                             timeout=300)
     assert sample.returncode == 0 and sample.stdout.startswith("def "), sample.stderr
     monkeypatch.setenv(precision.HARDWARE_ENV, value)

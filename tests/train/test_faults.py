@@ -31,6 +31,7 @@ from gptjax.weights.checkpoint import CHECKPOINTS, TMP_SUFFIX, CheckpointVanishe
 from gptjax.config import DataConfig
 from gptjax.data import prepare
 from gptjax.errors import UserError
+from xla_flags import xla_flags
 
 
 def quiet(_):
@@ -257,7 +258,7 @@ def test_a_run_is_read_a_hundred_times_while_it_checkpoints_every_step(tmp_path)
         while not list_steps(run / CHECKPOINTS):
             assert trainer.poll() is None, trainer.stdout.read()
             time.sleep(0.1)
-        env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
+        env = {"XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
                **JAX_CACHE_ENV}
         sampler = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={run}", "--prompt=def ",
                                     "--max_new_tokens=4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -279,7 +280,7 @@ def test_the_next_newest_is_read_when_the_chosen_one_is_deleted_under_the_reader
     """The race of the test above, made certain: retention deletes the checkpoint that load() chose
     after it chose it and before it read the parameters."""
     from conftest import tiny_config
-    from gptjax.weights import sources as weights
+    from gptjax.weights import sources
     from gptjax.weights.checkpoint import Checkpointer
     from gptjax.options import to_dict
     from gptjax.train.setup import init_model, resolve
@@ -291,7 +292,7 @@ def test_the_next_newest_is_read_when_the_chosen_one_is_deleted_under_the_reader
     for step in (1, 2, 3, 4):  # as a run writes them, without its optimizer state
         ckpt.save(step, params, {}, {"step": step, "config": to_dict(cfg), "tokenizer": "byte", "val_loss": None})
     ckpt.close()
-    real_read_state, deleted = weights.read_state, []
+    real_read_state, deleted = sources.read_state, []
 
     def read_state_after_retention(ckpt_dir, step, *args):
         if not deleted:
@@ -299,7 +300,7 @@ def test_the_next_newest_is_read_when_the_chosen_one_is_deleted_under_the_reader
             deleted.append(step)
         return real_read_state(ckpt_dir, step, *args)
 
-    monkeypatch.setattr(weights, "read_state", read_state_after_retention)
+    monkeypatch.setattr(sources, "read_state", read_state_after_retention)
     assert load(run).step == 3 and deleted == [4]
     with pytest.raises(CheckpointVanished, match="checkpoints/3 vanished while it was being read"):
         deleted.clear()

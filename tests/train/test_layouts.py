@@ -28,7 +28,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import PATIENT_COLLECTIVES, ROOT, tiny_config
+from conftest import ROOT, tiny_config
 from gptjax.config import DistConfig
 from gptjax.options import parse_args, to_toml
 from gptjax.data import Dataset, train_batch
@@ -36,6 +36,7 @@ from gptjax.train.distributed import detect_cluster
 from gptjax.errors import UserError
 from gptjax.train.parallel import plan_batch
 from gptjax.train.trainer import train
+from xla_flags import xla_flags
 
 RTOL = 1e-6
 WORKER = str(ROOT / "tests" / "layout_worker.py")
@@ -129,7 +130,7 @@ def scanned(cfg, scan: bool):
 
 @pytest.mark.slow
 def test_fsdp_holds_an_eighth_of_the_state_per_device():
-    code = (f"import os; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8 {PATIENT_COLLECTIVES}'; "
+    code = (f"import os; os.environ['XLA_FLAGS'] = '{xla_flags(8)}'; "
             "import json; "
             "from gptjax.options import parse_args; from gptjax.bench.memory import report; "
             "print(json.dumps(report(parse_args(['--train.devices=8', '--data.tokenizer=byte', '--model.n_layer=2', "

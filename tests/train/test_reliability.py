@@ -18,6 +18,7 @@ from gptjax.errors import UserError
 from gptjax.train.progress import Progress
 from gptjax.train.oom import is_out_of_memory, out_of_memory_error
 from gptjax.train.trainer import train
+from xla_flags import xla_flags
 
 
 def quiet(_):
@@ -110,7 +111,7 @@ def test_damaged_checkpoint_is_named_and_others_still_load(corpus, tmp_path):
     assert load(tmp_path / "run", step=3).step == 3
     with pytest.raises(UserError, match="cannot be read"):
         train(tiny_config(tmp_path / "run", corpus, max_steps=9, ckpt_interval=3, resume=True), log=quiet)
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PATH": "/usr/bin:/bin", **JAX_CACHE_ENV}
+    env = {"XLA_FLAGS": xla_flags(1), "PATH": "/usr/bin:/bin", **JAX_CACHE_ENV}
     proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={tmp_path / 'run'}"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "corrupt" in proc.stderr

@@ -30,6 +30,7 @@ from gptjax.options import parse_args  # noqa: E402
 from gptjax.errors import UserError  # noqa: E402
 from gptjax.inference.generate import generate_ids  # noqa: E402
 from gptjax.model.gpt import GPT  # noqa: E402
+from xla_flags import xla_flags  # noqa: E402
 
 # odd widths and head counts, a full and a small vocabulary, short contexts
 SHAPES = {
@@ -203,7 +204,7 @@ def test_command_line_and_load(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint=hf:{tmp_path / 'hf'}",
                            "--prompt=Hi", "--max_new_tokens=4", "--temperature=0"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", **JAX_CACHE_ENV})
+                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "XLA_FLAGS": xla_flags(1), **JAX_CACHE_ENV})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Hi")
 

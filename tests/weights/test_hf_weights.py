@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 from conftest import ROOT, make_corpus
 from gptjax.weights import hf
 from gptjax.weights.checkpoint import flatten
+from xla_flags import xla_flags
 
 # the full GPT-2 vocabulary (fine-tuning tokenizes with it), everything else tiny
 SHAPE = dict(n_layer=2, n_head=2, n_embd=16, n_positions=16, vocab_size=50257)
@@ -110,7 +111,7 @@ def test_hf_weights_without_torch(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "without_torch.py"), "-c", WITHOUT_TORCH,
                            str(tmp_path / "hf"), str(tmp_path)], capture_output=True, text=True, cwd=tmp_path,
                           timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
-                                            "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+                                            "XLA_FLAGS": xla_flags(1)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "init: weights from hf:" in proc.stdout and "all done without torch" in proc.stdout
     message = proc.stdout.split("message: ", 1)[1]
