@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import secrets
+import sys
 import threading
 import weakref
 from pathlib import Path
@@ -114,6 +115,24 @@ class MetricsLog:
             log.close(failed)
 
 
+def _summary_writer():
+    """tensorboardX's SummaryWriter, or None where it is not installed. Where PyTorch is installed too,
+    tensorboardX imports it on its own import, only to accept torch tensors as values: 1.6 s of a run's start
+    on a 2-core EPYC, for figures that are Python numbers here. So PyTorch stays out of that import, unless
+    the process has loaded it already; a later `import torch` works as ever."""
+    keep_out = "torch" not in sys.modules
+    if keep_out:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    finally:
+        if keep_out and sys.modules.get("torch", False) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class TensorBoardLog:
     """Event files in <run_dir>/tensorboard/ when tensorboardX is installed (pip install "gptjax[tb]")."""
 
@@ -124,9 +143,8 @@ class TensorBoardLog:
 
     @classmethod
     def open(cls, run_dir: Path, resume_step: int | None, then: str) -> TensorBoardLog | None:
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
+        SummaryWriter = _summary_writer()
+        if SummaryWriter is None:
             return None
         start, folder = resume_step or 0, run_dir / "tensorboard"
         before = set(threading.enumerate())

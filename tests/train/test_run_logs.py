@@ -9,11 +9,12 @@ import dataclasses
 import importlib.util
 import json
 import struct
+import subprocess
 import sys
 
 import pytest
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from gptjax.errors import UserError
 from gptjax.options import to_dict
 from gptjax.train.setup import resolve
@@ -77,6 +78,19 @@ def test_tensorboard_events_hold_the_metrics(resumed_run):
     want = expected(metrics)
     assert got.keys() == want.keys()
     assert all(got[k] == pytest.approx(want[k], rel=1e-6) for k in want)  # TensorBoard keeps float32
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (HAS_TENSORBOARD and importlib.util.find_spec("torch")), reason="needs tensorboardX and torch")
+def test_tensorboard_opens_without_importing_torch(tmp_path):
+    """tensorboardX imports PyTorch, where installed, for values this log never writes (1.6 s of a start)."""
+    code = ("import sys; from pathlib import Path; from gptjax.train.logs import TensorBoardLog; "
+            "log = TensorBoardLog.open(Path(sys.argv[1]), None, 'then'); log.write({'step': 1, 'loss': 2.5}); "
+            "log.close(); print('torch' in sys.modules); import torch; print(torch.ones(2).sum().item())")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["False", "2.0"], out.stdout + out.stderr
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def wandb_records(path):
