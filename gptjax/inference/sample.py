@@ -15,7 +15,6 @@ from gptjax.runtime import disk
 from gptjax.config import SampleConfig
 from gptjax.options import parse_flat
 from gptjax.errors import UserError, cli
-from gptjax.inference.pretrained import load
 
 INTRO = ("Sample continuations of a prompt from a checkpoint. The prompt comes from --prompt, --prompt_file or "
          "stdin; many prompts from --prompts_file, their samples to the terminal or to --output as JSONL.")
@@ -106,6 +105,8 @@ def main(argv: list[str]) -> None:
     if output and not output.parent.is_dir():
         raise UserError(f"--output {cfg.output}: the folder {output.parent} does not exist.")
     stop = parse_stop(cfg.stop)
+    from gptjax.inference.pretrained import load  # after the options: --help and bad input answer without JAX
+
     model = load(cfg.checkpoint, None if cfg.step < 0 else cfg.step, None if cfg.dtype == "checkpoint" else cfg.dtype)
     warn_long(model, prompts)
     controls = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,

@@ -10,7 +10,6 @@ import sys
 from gptjax.runtime.cpu import tune_for_cpu
 from gptjax.errors import cli
 from gptjax.options import parse_args
-from gptjax.train.trainer import train
 
 INTRO = ("Pretrain a GPT on a text corpus. With no options: a small model on the Python standard\n"
          "library's source, on this machine's CPU. Options come from a preset (--config) and then\n"
@@ -20,7 +19,10 @@ INTRO = ("Pretrain a GPT on a text corpus. With no options: a small model on the
 @cli
 def main(argv: list[str]) -> None:
     tune_for_cpu()  # before JAX starts its runtime
-    history = train(parse_args(argv, prog="train.py", intro=INTRO, default_preset="cpu"))
+    cfg = parse_args(argv, prog="train.py", intro=INTRO, default_preset="cpu")
+    from gptjax.train.trainer import train  # after the options: --help and a wrong option answer without JAX
+
+    history = train(cfg)
     if history["interrupted"]:  # saved and stopped on a signal: exit as that signal would, 128 + its number
         sys.exit(128 + getattr(signal, history["interrupted"]))
 
