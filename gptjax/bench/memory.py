@@ -13,18 +13,13 @@ import os
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 from gptjax.config import Config
-from gptjax.runtime.cpu import applied, tune_for_cpu
-from gptjax.options import parse_args
 from gptjax.errors import cli
-from gptjax.model.gpt import abstract, count_params
-from gptjax.train.optim import make_optimizer
-from gptjax.train.parallel import STRATEGIES, describe, plan_batch, select_devices
-from gptjax.train.setup import resolve
+from gptjax.options import parse_args
+from gptjax.runtime.cpu import applied, tune_for_cpu
+
+# JAX and the training layer are imported where the step is compiled: `gptjax memory --help` and a
+# mistyped option answer at once, and the device count is asked for before JAX is imported
 
 GB = 1e9
 
@@ -40,12 +35,23 @@ def simulate_cpu_devices(argv: list[str]) -> None:
 
 def state_bytes(strategy, state) -> int:
     """Bytes of parameters and optimizer state that one device holds under `strategy`'s layout."""
+    import jax
+    import numpy as np
+
     return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
                for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(strategy.shardings(state))))
 
 
 def report(cfg: Config) -> dict:
     """Lower and compile both strategies' steps for `cfg` from shapes alone; per-device bytes and compile seconds."""
+    import jax
+    import jax.numpy as jnp
+
+    from gptjax.model.gpt import abstract, count_params
+    from gptjax.train.optim import make_optimizer
+    from gptjax.train.parallel import STRATEGIES, describe, plan_batch, select_devices
+    from gptjax.train.setup import resolve
+
     cfg = resolve(cfg)
     t = cfg.train
     devices = select_devices(t.devices)
@@ -93,7 +99,7 @@ def format_report(r: dict) -> str:
 
 @cli
 def main(argv: list[str]) -> None:
-    simulate_cpu_devices(argv)  # before JAX starts its backend: importing JAX does not start it
+    simulate_cpu_devices(argv)  # before JAX starts its backend
     tune_for_cpu(reuse_memory=False)  # on a CPU, the step compiled with train.py's schedule
     cfg = parse_args(argv, prog="gptjax memory",
                      intro="Memory per device of the compiled training step, pmap against fsdp. "

@@ -13,15 +13,13 @@ import sys
 from pathlib import Path
 
 from gptjax import paths
-
-from gptjax.runtime import disk
-
-from gptjax.weights import sources
-from gptjax.weights.checkpoint import CHECKPOINTS, Checkpointer
 from gptjax.config import Config
 from gptjax.errors import UserError, cli
-from gptjax.weights.hf import from_hf, hf_folder, save_hf
 from gptjax.options import to_dict, to_toml
+from gptjax.runtime import disk
+
+# the weights' modules (JAX, orbax) are imported where they are used: `gptjax convert --help` and a
+# mistyped command answer at once
 
 USAGE = ("usage: gptjax convert from-hf HF_DIR OUT_DIR\n"
          "       gptjax convert to-hf RUN_DIR HF_DIR [--step=N]\n"
@@ -30,12 +28,16 @@ USAGE = ("usage: gptjax convert from-hf HF_DIR OUT_DIR\n"
 
 def load_params(path, step: int | None = None) -> tuple[Config, dict]:
     """(config, nested float32 params) of a gptjax run directory or of 'hf:DIR'."""
+    from gptjax.weights import sources
+
     source = sources.read(path, step)
     return source.config, source.params
 
 
 def save_run(config: Config, params, out_dir, source: str) -> Path:
     """Write params as step 0 of a run directory, with the meta the trainer writes; no optimizer state."""
+    from gptjax.weights.checkpoint import CHECKPOINTS, Checkpointer
+
     out = paths.expand(out_dir)
     if (out / CHECKPOINTS).is_dir() and any(p.name.isdigit() for p in (out / CHECKPOINTS).iterdir()):
         raise UserError(f"{out} already holds checkpoints; choose another output folder. Nothing was changed.")
@@ -60,6 +62,8 @@ def main(argv: list[str]) -> None:
     if len(args) != 3 or args[0] not in ("from-hf", "to-hf") or (steps and args[0] != "to-hf") or len(steps) > 1:
         raise UserError(f"unexpected arguments {' '.join(argv)!r}.\n{USAGE}")
     command, src, dst = args
+    from gptjax.weights.hf import from_hf, hf_folder, save_hf
+
     if command == "from-hf":
         config, params = from_hf(src)
         out = save_run(config, params, dst, source=f"hf:{hf_folder(src).absolute()}")
