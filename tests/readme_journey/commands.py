@@ -41,7 +41,7 @@ RUN = {
     "gptjax memory --config=gpt2-1.5b --train.devices=8": f"{TINY} --train.batch_size=8 --train.grad_accum=1",
     "gptjax memory --config=gpt2-1.5b --train.devices=8 --train.remat=block":
         f"{TINY} --train.batch_size=8 --train.grad_accum=1",
-    "export XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu": "",
+    'export XLA_FLAGS="$XLA_FLAGS --xla_force_host_platform_device_count=4" JAX_PLATFORMS=cpu': "",
     "for i in 0 1; do\npython train.py --config=char --out_dir=out/two --train.max_steps=30 "
     "--dist.coordinator=127.0.0.1:12355 --dist.num_processes=2 --dist.process_id=$i &\ndone; wait":
         f"{TINY} --train.batch_size=8 --train.max_steps=2 --train.eval_interval=2 --train.eval_batches=1 "

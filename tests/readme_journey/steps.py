@@ -31,14 +31,16 @@ def run(name: str, *commands: str, after: tuple[str, ...] = (), env: dict | None
 
 
 SAMPLES = [c for c in RUN if c.startswith(("python sample.py --checkpoint=out/run", "echo 'import os' |"))]
+TWO_PROCESSES_SETUP = 'export XLA_FLAGS="$XLA_FLAGS --xla_force_host_platform_device_count=4" JAX_PLATFORMS=cpu'
 TWO_PROCESSES = next(c for c in RUN if c.startswith("for i in 0 1; do\npython train.py --config=char"))
 TABLE = readme.command_table(README)
 
 # in order of priority: a free worker takes the first step whose predecessors are done
 STEPS = [
     run("train", "python train.py"),
-    run("two processes", "export XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu", TWO_PROCESSES,
-        "python sample.py --checkpoint=out/two --prompt='def '"),
+    # the README's export adds the device count to the flags already set: here the suite's, without a count
+    run("two processes", TWO_PROCESSES_SETUP, TWO_PROCESSES, "python sample.py --checkpoint=out/two --prompt='def '",
+        env={"XLA_FLAGS": xla_flags()}),
     run("train cpu-gpt2", "python train.py --config=cpu-gpt2 --out_dir=out/gpt2-arch"),
     Step("set-up: the gpt2 folder", "gptjax convert to-hf out/gpt2-arch gpt2", after=("train cpu-gpt2",)),
     run("from-hf", "gptjax convert from-hf gpt2 out/gpt2", after=("set-up: the gpt2 folder",)),
