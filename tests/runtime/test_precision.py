@@ -1,6 +1,7 @@
 """What `--model.dtype=auto` stands for, on every branch of the decision, on whatever CPU runs the suite:
 the decision's inputs (the backend, the CPU's flags, the measured speed-up) are injected through
-GPTJAX_HARDWARE, and each branch runs a short train.py, a resume, sample.py and gptjax.load."""
+GPTJAX_HARDWARE; each branch decides as documented, and a branch of each outcome runs a short train.py, a
+resume, sample.py and gptjax.load."""
 
 import subprocess
 import sys
@@ -70,8 +71,10 @@ def test_a_wrong_injection_is_refused_with_the_accepted_form(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("branch", BRANCHES)
-def test_train_resume_sample_and_load_on_each_branch(branch, corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("branch", ["no-units", "units-and-speedup"])  # one branch of each outcome
+def test_train_resume_sample_and_load_on_each_outcome(branch, corpus, tmp_path, monkeypatch):
+    """A whole run on a branch that picks float32 and on one that picks bfloat16 (the other two branches
+    reach the same two outcomes, and their decisions and headers are checked above, in this process)."""
     value, dtype, why = BRANCHES[branch]
     env = {precision.HARDWARE_ENV: value}
     out = tmp_path / "run"
