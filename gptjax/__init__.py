@@ -5,7 +5,7 @@ The map, in the order a run's data flows (each part imports only from the parts 
   config, options, tokenizer, errors, paths   the base: settings, the command line, text <-> ids, messages
   runtime/     the process and its machine: CPU threads, malloc, disks, locks, compute dtype, signals, clocks
   data/        a corpus to token shards and batches: readers, documents, the validation cut, worker processes
-  model/       the GPT: the decoder stack, its loss, the one scorer, the stacked (scanned) layer layout
+  model/       the GPT: the decoder stack, its products' forms, its loss, the one scorer, the stacked layout
   weights/     weights at rest: checkpoints and their faults, the Hugging Face layout, any source, conversion
   inference/   a trained model at work: decoding, stop strings, gptjax.load, the sampling command
   eval/        what a model is worth: loss and bits per byte on a text, zero-shot tasks, lm-eval's model

@@ -34,7 +34,7 @@ from gptjax.train.flops import flops_per_token, peak_flops
 from gptjax.model.gpt import attention_implementation, compute_dtype, count_params
 from gptjax.train.optim import make_optimizer
 from gptjax.train.parallel import STRATEGIES, select_devices
-from gptjax.runtime import precision
+from gptjax.model import products
 from gptjax.runtime.precision import matmul_rate
 from gptjax.train.oom import is_out_of_memory
 from gptjax.train.setup import init_model
@@ -151,7 +151,7 @@ def configure(rest: list[str]) -> Config:
 def bench_train(args, rest: list[str]) -> None:
     cfg = configure(rest)
     m, t = cfg.model, cfg.train
-    precision.decide()  # before the model is traced
+    products.decision(m, t.batch_size * m.block_size)  # before the model is traced: auto times its products
     ours = GptjaxRunner(cfg)
     device = ours.devices[0]
     n_dev = len(ours.devices)
@@ -163,7 +163,7 @@ def bench_train(args, rest: list[str]) -> None:
     head = jax.ShapeDtypeStruct((1, 1, m.n_head, m.n_embd // m.n_head), compute)
     print(f"gptjax train: {m.n_layer} layers, {m.n_head} heads, width {m.n_embd}, context {m.block_size}, vocabulary "
           f"{m.vocab_size} (padded {m.padded_vocab_size}); {ours.n_params / 1e6:.1f}M parameters, {compute.name} "
-          f"compute{' (' + precision.explain(m.dtype).why + ')' if m.dtype == 'auto' else ''}"
+          f"compute{' (' + products.explain_dtype(m).why + ')' if m.dtype == 'auto' else ''}"
           f"{' (transformers: bfloat16 autocast)' if args.compare and compute == jnp.bfloat16 else ''}; "
           f"batch {t.grad_accum} x {t.batch_size} = {tokens:,} tokens/step, {flops_step / 1e9:.0f} GFLOP/step; "
           f"{n_dev} x {device.platform} ({device.device_kind}), {t.parallel}, {os.cpu_count()} CPU cores; "

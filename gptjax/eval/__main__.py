@@ -9,7 +9,6 @@ import time
 
 from gptjax import paths
 
-from gptjax.runtime import precision
 from gptjax.config import EvalConfig
 from gptjax.runtime.cpu import tune_for_cpu
 from gptjax.data.sources import corpus_files
@@ -67,13 +66,14 @@ def main(argv: list[str]) -> dict:
     from gptjax.eval.tasks import read_tasks, score_task, summary
     from gptjax.eval.text import check_stride, score_text
     from gptjax.inference.pretrained import load
+    from gptjax.model.products import explain_dtype
     from gptjax.model.score import Scorer
 
     model = load(cfg.checkpoint, None if cfg.step < 0 else cfg.step, None if cfg.dtype == "checkpoint" else cfg.dtype)
     T = model.config.model.block_size
     stride = check_stride(cfg.stride, T)
     tasks = read_tasks(cfg.task, model.tokenizer, T) if cfg.task else []
-    why = precision.explain(model.config.model.dtype).why
+    why = explain_dtype(model.config.model).why
     print(f"evaluating {model!r}{f' ({why})' if why != 'as set' else ''}")
     scorer = Scorer(model.graphdef, model.params, T, cfg.batch_size)
     results = {"checkpoint": str(model.path), "step": model.step, "tokenizer": model.tokenizer.name,

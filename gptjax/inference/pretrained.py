@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from gptjax.runtime import precision
 
 from gptjax.weights import sources
 from gptjax.config import Config
 from gptjax.errors import UserError
 from gptjax.model.score import Scorer, sliding_windows
 from gptjax.inference.generate import GEMV_ROWS, output_matrix, stream_ids
-from gptjax.model.gpt import GPT, abstract
+from gptjax.model.gpt import GPT, abstract, resolve_dtype
 from gptjax.inference.stops import StopText, check_stops
 from gptjax.tokenizer import Tokenizer, get_tokenizer
 
@@ -41,7 +40,7 @@ class Pretrained:
     @property
     def dtype(self) -> str:
         """The compute dtype, 'float32' or 'bfloat16' (what the config's dtype, auto resolved, stands for)."""
-        return precision.resolve(self.config.model.dtype)
+        return resolve_dtype(self.config.model)
 
     @property
     def model(self) -> GPT:

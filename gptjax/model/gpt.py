@@ -37,8 +37,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.config import ModelConfig
+from gptjax.model import products
 from gptjax.model.loss import chunked_cross_entropy, cross_entropy, token_logprobs
-from gptjax.runtime.precision import resolve
 
 INIT_STD = 0.02
 # what a rematerialised block keeps for the backward pass (jax.checkpoint policies); the rest is recomputed
@@ -46,26 +46,36 @@ REMAT = {"block": jax.checkpoint_policies.nothing_saveable,
          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def _dtype(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[resolve(name)]
+def resolve_dtype(cfg: ModelConfig) -> str:
+    """'float32' or 'bfloat16': cfg.dtype, or what auto stands for here for this model's shape (decided once
+    per process and shape, on its own step's products: products.decision)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return products.decision(cfg).dtype
+
+
+def _dtype(cfg: ModelConfig):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[resolve_dtype(cfg)]
 
 
 def compute_dtype(cfg: ModelConfig):
     """The dtype the model computes in (what --model.dtype, auto resolved, stands for)."""
-    return jnp.dtype(_dtype(cfg.dtype))
+    return jnp.dtype(_dtype(cfg))
 
 
 def _linear(cfg: ModelConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs) -> nnx.Linear:
+    # the product through products.dot_general: in bfloat16 on a CPU the plain forms (float32 unchanged)
     return nnx.Linear(
-        d_in, d_out, use_bias=cfg.bias, dtype=_dtype(cfg.dtype), param_dtype=jnp.float32,
+        d_in, d_out, use_bias=cfg.bias, dtype=_dtype(cfg), param_dtype=jnp.float32,
         kernel_init=nnx.initializers.normal(std), bias_init=nnx.initializers.zeros, rngs=rngs,
+        dot_general=products.dot_general, promote_dtype=products.keep_kernel,
     )
 
 
 def _norm(cfg: ModelConfig, features: int, rngs: nnx.Rngs, kind: str | None = None):
     if (kind or cfg.norm) == "rmsnorm":
-        return nnx.RMSNorm(features, epsilon=1e-6, dtype=_dtype(cfg.dtype), param_dtype=jnp.float32, rngs=rngs)
-    return nnx.LayerNorm(features, epsilon=1e-5, use_bias=cfg.bias, dtype=_dtype(cfg.dtype),
+        return nnx.RMSNorm(features, epsilon=1e-6, dtype=_dtype(cfg), param_dtype=jnp.float32, rngs=rngs)
+    return nnx.LayerNorm(features, epsilon=1e-5, use_bias=cfg.bias, dtype=_dtype(cfg),
                          param_dtype=jnp.float32, rngs=rngs)
 
 
@@ -223,16 +233,16 @@ class GPT(nnx.Module):
             raise ValueError("ModelConfig.vocab_size must be resolved (from the tokenizer) before building a model")
         self.cfg = cfg
         emb_init = nnx.initializers.normal(INIT_STD)
-        self.wte = nnx.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=_dtype(cfg.dtype),
+        self.wte = nnx.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=_dtype(cfg),
                              param_dtype=jnp.float32, embedding_init=emb_init, rngs=rngs)
         if cfg.pos_encoding == "learned":
-            self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, dtype=_dtype(cfg.dtype),
+            self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, dtype=_dtype(cfg),
                                  param_dtype=jnp.float32, embedding_init=emb_init, rngs=rngs)
         self.drop = nnx.Dropout(cfg.dropout)
         self.h = stacked_blocks(cfg, rngs) if cfg.scan_layers else nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
         self.ln_f = _norm(cfg, cfg.n_embd, rngs)
         if not cfg.tie_embeddings:  # zero at the start: every token equally likely, as the loss begins
-            self.lm_head = nnx.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=_dtype(cfg.dtype),
+            self.lm_head = nnx.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=_dtype(cfg),
                                      param_dtype=jnp.float32, embedding_init=nnx.initializers.zeros, rngs=rngs)
 
     @property
@@ -248,10 +258,18 @@ class GPT(nnx.Module):
         return self.drop(x_BTD, deterministic=deterministic, rngs=rngs)
 
     def _logits(self, x_BTD, head_DV=None):
-        if head_DV is None:
+        plain = products.plain_forms(_dtype(self.cfg))
+        if head_DV is not None:  # the same product, from the output layer laid out as output_matrix() gives it
+            h_BTD = self.ln_f(x_BTD).astype(head_DV.dtype)
+            if plain:  # accumulated in float32, as the plain forms are
+                logits_BTV = jnp.dot(h_BTD, head_DV, preferred_element_type=jnp.float32)
+            else:
+                logits_BTV = jnp.dot(h_BTD, head_DV).astype(jnp.float32)
+        elif plain:
+            logits_BTV = products.head_product(self.ln_f(x_BTD).astype(_dtype(self.cfg)),
+                                               self.output_layer.embedding[...])
+        else:
             logits_BTV = self.output_layer.attend(self.ln_f(x_BTD)).astype(jnp.float32)
-        else:  # the same product, from the output layer laid out as output_matrix() gives it
-            logits_BTV = jnp.dot(self.ln_f(x_BTD).astype(head_DV.dtype), head_DV).astype(jnp.float32)
         V = self.cfg.vocab_size
         if self.cfg.padded_vocab_size > V:  # padded ids are never predicted
             logits_BTV = jnp.where(jnp.arange(logits_BTV.shape[-1]) < V, logits_BTV, -jnp.inf)
@@ -292,20 +310,20 @@ class GPT(nnx.Module):
         x_BTD = self.features(idx_BT, deterministic=deterministic, rngs=rngs, remat=remat)
         if chunk <= 0:
             return cross_entropy(self._logits(x_BTD), targets_BT)
-        h_BTD = self.ln_f(x_BTD).astype(_dtype(self.cfg.dtype))
+        h_BTD = self.ln_f(x_BTD).astype(_dtype(self.cfg))
         return chunked_cross_entropy(h_BTD, self.output_layer.embedding[...], targets_BT, self.cfg.vocab_size, chunk)
 
     def token_logprobs(self, idx_BT, targets_BT, *, chunk: int = 2048):
         """log p(target | the sequence up to it) at every position (float32), and whether each target was the
         model's first choice: the scorer of every figure (loss.token_logprobs), through the output layer."""
-        h_BTD = self.ln_f(self.features(idx_BT)).astype(_dtype(self.cfg.dtype))
+        h_BTD = self.ln_f(self.features(idx_BT)).astype(_dtype(self.cfg))
         return token_logprobs(h_BTD, self.output_layer.embedding[...], targets_BT, self.cfg.vocab_size, chunk)
 
     def init_cache(self, batch_size: int, length: int | None = None, dtype=None):
         cfg = self.cfg
         S = length or cfg.block_size
         shape = (batch_size * cfg.kv_heads, S, cfg.n_embd // cfg.n_head)
-        dtype = dtype or _dtype(cfg.dtype)
+        dtype = dtype or _dtype(cfg)
         if cfg.scan_layers:  # stacked as the blocks are: (L, X, S, H)
             layers = {"k": jnp.zeros((cfg.n_layer, *shape), dtype), "v": jnp.zeros((cfg.n_layer, *shape), dtype)}
         else:
@@ -318,7 +336,7 @@ class GPT(nnx.Module):
         about 63% of the memory's speed, and the (D, V) copy at full speed (XLA 0.10, 2-core Zen 3, the
         GPT-2 vocabulary at width 384). Decoding one token at a time reads this matrix, the largest of
         the model, once per token."""
-        return self.output_layer.embedding[...].astype(_dtype(self.cfg.dtype)).T
+        return self.output_layer.embedding[...].astype(_dtype(self.cfg)).T
 
     def decode(self, idx_BT, cache, *, positions_BT=None, token_mask_BT=None, last_only=False, head_DV=None):
         """Run T new tokens through the model on top of `cache`; return their logits and the new cache.

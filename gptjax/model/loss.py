@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gptjax.model import products
+
 
 def cross_entropy(logits_BTV, targets_BT):
     """Mean next-token cross-entropy of full logits, in float32."""
@@ -46,9 +48,20 @@ def _chunks(h_BTD, targets_BT, chunk: int):
     return split(h_BTD), split(targets_BT), split(weights_BT)
 
 
-def _chunk_logits(x_BtD, w_VD):
-    """The output layer on one chunk: (B·t, V) logits in the compute dtype, then float32."""
-    return jnp.dot(x_BtD.reshape(-1, x_BtD.shape[-1]), w_VD.T).astype(jnp.float32)
+def _chunk_logits(x_BtD, w):
+    """The output layer on one chunk: (B·t, V) logits in the compute dtype, then float32. `w` is what
+    _head gave: the (V, D) matrix, or in the plain forms its (D, V) copy (accumulated in float32)."""
+    x_RD = x_BtD.reshape(-1, x_BtD.shape[-1])
+    if products.plain_forms(x_RD.dtype):
+        return products.plain_dot(x_RD, w)
+    return jnp.dot(x_RD, w.T).astype(jnp.float32)
+
+
+def _head(w_VD, vocab_size: int, dtype):
+    """The output matrix in the compute dtype as the chunks' product reads it: (V, D), or for the plain forms
+    (bfloat16 on a CPU: gptjax.model.products) its (D, V) copy, made once for every chunk."""
+    w = _real_vocab(w_VD, vocab_size, dtype)
+    return products.plain(w.T) if products.plain_forms(dtype) else w
 
 
 def _chunk_loss(logits_RV, targets_R, weights_R):
@@ -74,7 +87,7 @@ def chunked_cross_entropy(h_BTD, w_VD, targets_BT, vocab_size: int, chunk: int):
     targets_BT: int token ids below vocab_size. Rows of w past vocab_size are never predicted.
     """
     hs, ts, ws = _chunks(h_BTD, targets_BT, chunk)
-    w = _real_vocab(w_VD, vocab_size, h_BTD.dtype)
+    w = _head(w_VD, vocab_size, h_BTD.dtype)
 
     def body(total, inputs):
         x_BtD, t_Bt, wt_Bt = inputs
@@ -90,22 +103,29 @@ def _forward_and_gradients(h_BTD, w_VD, targets_BT, vocab_size: int, chunk: int)
     dtype = h_BTD.dtype
     hs, ts, ws = _chunks(h_BTD, targets_BT, chunk)
     w = _real_vocab(w_VD, vocab_size, dtype)
+    plain = products.plain_forms(dtype)  # both gradients' products in the plain forms, the weight's made (D, V)
+    w_head = _head(w_VD, vocab_size, dtype)
 
     def body(carry, inputs):
-        total, dw_VD = carry
+        total, dw = carry
         x_BtD, t_Bt, wt_Bt = inputs
         x_RD, t_R, wt_R = x_BtD.reshape(-1, D), t_Bt.reshape(-1), wt_Bt.reshape(-1)  # R = B·t rows
-        loss, exp_RV, sum_R = _chunk_loss(_chunk_logits(x_RD, w), t_R, wt_R)
+        loss, exp_RV, sum_R = _chunk_loss(_chunk_logits(x_RD, w_head), t_R, wt_R)
         # d loss / d logits = (softmax - one_hot(target)) * weight, in float32, then the compute dtype
         probs_RV = exp_RV * (1.0 / sum_R)[:, None]
         onehot_RV = jnp.arange(vocab_size)[None, :] == t_R[:, None]
         dlogits_RV = ((probs_RV - onehot_RV) * wt_R[:, None]).astype(dtype)
-        dx_BtD = jnp.dot(dlogits_RV, w).reshape(x_BtD.shape)
-        dw_VD = dw_VD + jnp.dot(dlogits_RV.T, x_RD, preferred_element_type=jnp.float32)
-        return (total + loss, dw_VD), dx_BtD
+        if plain:
+            dx_BtD = products.plain_dot(dlogits_RV, w).astype(dtype).reshape(x_BtD.shape)
+            dw = dw + products.plain_dot(products.plain(x_RD.T), dlogits_RV)  # (D, V)
+        else:
+            dx_BtD = jnp.dot(dlogits_RV, w).reshape(x_BtD.shape)
+            dw = dw + jnp.dot(dlogits_RV.T, x_RD, preferred_element_type=jnp.float32)
+        return (total + loss, dw), dx_BtD
 
-    init = (jnp.zeros((), jnp.float32), jnp.zeros((vocab_size, D), jnp.float32))
-    (total, dw_VD), dxs = jax.lax.scan(body, init, (hs, ts, ws))  # dxs: (C, B, t, D)
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((D, vocab_size) if plain else (vocab_size, D), jnp.float32))
+    (total, dw), dxs = jax.lax.scan(body, init, (hs, ts, ws))  # dxs: (C, B, t, D)
+    dw_VD = products.transposed(dw) if plain else dw
     dh_BTD = jnp.moveaxis(dxs, 0, 1).reshape(B, -1, D)[:, :T]
     dw_VD = jnp.pad(dw_VD, ((0, w_VD.shape[0] - vocab_size), (0, 0))).astype(w_VD.dtype)
     return total, (dh_BTD, dw_VD)
@@ -129,7 +149,7 @@ def token_logprobs(h_BTD, w_VD, targets_BT, vocab_size: int, chunk: int):
     """
     B, T, _ = h_BTD.shape
     hs, ts, _ = _chunks(h_BTD, targets_BT, chunk)
-    w = _real_vocab(w_VD, vocab_size, h_BTD.dtype)
+    w = _head(w_VD, vocab_size, h_BTD.dtype)
 
     def one_chunk(inputs):
         x_BtD, t_Bt = inputs

@@ -6,10 +6,12 @@ BF16, `avx512_bf16`, in /proc/cpuinfo's flags), confirmed there by a short measu
 CPU that has the instructions can still lack the kernels that use them. float32 elsewhere: on a
 CPU without the units a bfloat16 product is converted to float32 and runs slower than float32.
 
-The decision is made once per process, by `decide()`: the trainer and the training bench call it before
-they build or trace a model, and the run's header says which and why. A reader (gptjax.load, sample.py,
-eval) may first ask while a model's shapes are traced: the measurement then runs its products outside
-the trace (ensure_compile_time_eval), so the answer is the same.
+The decision is made once per process and model shape, by `decide(shape, measure)`: the trainer and
+the training bench call it before they build or trace a model, and the run's header says which and
+why. On a CPU with the units, `measure()` times the products the model's training step makes, in
+the forms it makes them (gptjax.model.products.step_speedup), bfloat16 against float32; a reader
+(gptjax.load, sample.py, eval) may first ask while a model's shapes are traced: the measurement then
+runs its products outside the trace (ensure_compile_time_eval), so the answer is the same.
 
 What the decision reads can be injected, so that every branch runs on every machine (the tests do):
 GPTJAX_HARDWARE="backend=cpu,flags=amx_bf16,speedup=2.0" (any of the three; a missing one is read
@@ -18,9 +20,9 @@ from the machine; `flags=` empty for a CPU without the units).
 
 from __future__ import annotations
 
-import functools
 import os
 import time
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -84,76 +86,92 @@ def injected(value: str) -> dict:
     return given
 
 
-def _measured_speedup() -> float:
+def backend() -> str:
+    """The backend the model runs on: GPTJAX_HARDWARE's backend= where given, else JAX's default."""
+    given = injected(os.environ.get(HARDWARE_ENV, ""))
+    if "backend" in given:
+        return given["backend"]
     import jax
-    import jax.numpy as jnp
+
+    return jax.default_backend()
+
+
+def bf16_units() -> list[str]:
+    """This CPU's bfloat16 matrix units among BF16_UNITS (GPTJAX_HARDWARE's flags= where given)."""
+    given = injected(os.environ.get(HARDWARE_ENV, ""))
+    flags = given["flags"] if "flags" in given else cpu_flags()
+    return [f for f in BF16_UNITS if f in flags]
+
+
+def _measured(measure: Callable[[], float] | None) -> float:
+    if measure is None:
+        raise ValueError("auto's decision on a CPU with bfloat16 units times the model's own products: "
+                         "decide() needs the model's shape and its measure")
+    import jax
 
     with jax.ensure_compile_time_eval():  # real products even if a caller is tracing (it should not be)
-        return matmul_rate(jnp.bfloat16) / matmul_rate(jnp.float32)
+        return measure()
 
 
-@functools.cache
-def _decide(value: str) -> Decision:
+def _decide(value: str, measure: Callable[[], float] | None) -> Decision:
     given = injected(value)
     note = f" ({HARDWARE_ENV} gave {', '.join(sorted(given))})" if given else ""
-    if "backend" in given:
-        backend = given["backend"]
-    else:
-        import jax
-
-        backend = jax.default_backend()
-    if backend in ("gpu", "tpu"):
-        return Decision("bfloat16", f"{backend} with bfloat16 matrix units{note}")
-    if backend != "cpu":
-        return Decision("float32", f"{backend}: no bfloat16 speed known{note}")
-    flags = given["flags"] if "flags" in given else cpu_flags()
-    units = [f for f in BF16_UNITS if f in flags]
+    backend_ = backend()
+    if backend_ in ("gpu", "tpu"):
+        return Decision("bfloat16", f"{backend_} with bfloat16 matrix units{note}")
+    if backend_ != "cpu":
+        return Decision("float32", f"{backend_}: no bfloat16 speed known{note}")
+    units = bf16_units()
     if not units:
         return Decision("float32", f"this CPU has no bfloat16 matrix units (no amx_bf16 or avx512_bf16 among its "
                                    f"flags){note}")
-    ratio = given["speedup"] if "speedup" in given else _measured_speedup()
+    ratio = given["speedup"] if "speedup" in given else _measured(measure)
     how = "given" if "speedup" in given else "measured"
     if ratio >= SPEEDUP:
-        return Decision("bfloat16", f"this CPU's {'/'.join(units)}: bfloat16 products {how} {ratio:.1f}x "
-                                    f"float32{note}")
-    return Decision("float32", f"this CPU has {'/'.join(units)}, but bfloat16 products {how} only {ratio:.1f}x "
-                               f"float32 (at least {SPEEDUP}x needed){note}")
+        return Decision("bfloat16", f"this CPU's {'/'.join(units)}: the step's products in bfloat16 {how} "
+                                    f"{ratio:.2f}x float32{note}")
+    return Decision("float32", f"this CPU has {'/'.join(units)}, but the step's products in bfloat16 {how} only "
+                               f"{ratio:.2f}x float32 (at least {SPEEDUP}x needed){note}")
 
 
-_agreed: dict[str, Decision] = {}  # a multi-process run's common decision, by GPTJAX_HARDWARE value
+# decisions by (GPTJAX_HARDWARE value, model shape); a multi-process run's common ones in _agreed
+_decisions: dict[tuple[str, Hashable], Decision] = {}
+_agreed: dict[tuple[str, Hashable], Decision] = {}
 
 
-def decide() -> Decision:
-    """What auto stands for in this process, decided at the first call (per GPTJAX_HARDWARE value)."""
-    value = os.environ.get(HARDWARE_ENV, "")
-    return _agreed.get(value) or _decide(value)
+def decide(shape: Hashable = None, measure: Callable[[], float] | None = None) -> Decision:
+    """What auto stands for in this process for a model of `shape` (a key of its products' shapes), decided
+    at the first call for that shape (per GPTJAX_HARDWARE value). `measure()`, bfloat16's speed-up over
+    float32 on that model's step, runs only where the decision rests on it (a CPU with the units, no
+    speedup= given)."""
+    key = (os.environ.get(HARDWARE_ENV, ""), shape)
+    if key in _agreed:
+        return _agreed[key]
+    if key not in _decisions:
+        _decisions[key] = _decide(key[0], measure)
+    return _decisions[key]
 
 
-def agree(everywhere_bfloat16: bool) -> Decision:
+def agree(everywhere_bfloat16: bool, shape: Hashable = None, measure: Callable[[], float] | None = None) -> Decision:
     """The processes of one run compute alike: bfloat16 only if every process chose it (each measures its own
     speed-up, and two measurements near the threshold can differ). `everywhere_bfloat16` is what the
     processes found together (distributed.any_process); returns this process's decision after it."""
-    mine = decide()
+    mine = decide(shape, measure)
     if mine.dtype == "bfloat16" and not everywhere_bfloat16:
-        _agreed[os.environ.get(HARDWARE_ENV, "")] = Decision(
+        _agreed[(os.environ.get(HARDWARE_ENV, ""), shape)] = Decision(
             "float32", f"another process of this run found no bfloat16 speed-up; here: {mine.why}")
-    return decide()
+    return decide(shape, measure)
 
 
-def auto_dtype() -> tuple[str, str]:
-    """(dtype, why) for this process's default device."""
-    return tuple(decide())
+def resolve(dtype: str, shape: Hashable = None, measure: Callable[[], float] | None = None) -> str:
+    """A concrete compute dtype: `dtype` itself, or what auto stands for here for a model of `shape`."""
+    return decide(shape, measure).dtype if dtype == "auto" else dtype
 
 
-def resolve(dtype: str) -> str:
-    """A concrete compute dtype: `dtype` itself, or what auto stands for here."""
-    return decide().dtype if dtype == "auto" else dtype
-
-
-def explain(dtype: str) -> Decision:
+def explain(dtype: str, shape: Hashable = None, measure: Callable[[], float] | None = None) -> Decision:
     """The concrete dtype that `dtype` stands for and why, for a header: (bfloat16, 'auto: ...') or
     (float32, 'as set')."""
     if dtype == "auto":
-        d = decide()
+        d = decide(shape, measure)
         return Decision(d.dtype, f"auto: {d.why}")
     return Decision(dtype, "as set")

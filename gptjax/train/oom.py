@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from gptjax.runtime import disk, precision
+from gptjax.runtime import disk
 from gptjax.config import Config
 from gptjax.errors import UserError
+from gptjax.model.gpt import resolve_dtype
 
 
 def is_out_of_memory(error: Exception) -> bool:
@@ -22,7 +23,7 @@ def out_of_memory_error(cfg: Config, error: Exception) -> UserError:
     if t.batch_size >= 2:
         options.append(f"--train.batch_size={t.batch_size // 2} --train.grad_accum={t.grad_accum * 2} "
                        "(the same tokens per step, half the activation memory)")
-    if precision.resolve(m.dtype) == "float32":
+    if resolve_dtype(m) == "float32":
         options.append("--model.dtype=bfloat16 (half the activation memory)")
     if t.parallel == "pmap":
         options.append("--train.parallel=fsdp (parameters and optimizer state sharded over the devices)")

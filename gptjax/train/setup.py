@@ -27,6 +27,7 @@ from gptjax.data import Dataset
 from gptjax.errors import UserError
 from gptjax.eval.tasks import read_tasks
 from gptjax.model.gpt import GPT, abstract, count_params
+from gptjax.model.products import shape_key, step_speedup
 from gptjax.options import from_dict, to_dict
 from gptjax.model.stacked import relayout
 from gptjax.runtime import precision
@@ -88,12 +89,13 @@ def set_up(cfg: Config, log) -> tuple[Plan, Checkpointer, dict]:
     tasks = _read_tasks(cfg.train.eval_tasks, known_tok, cfg.model.block_size, log) if known_tok else []
     ckpt, latest, saved = _find_resume_point(cfg, run_dir, log)
     given_dtype = cfg.model.dtype
-    cfg, compute, compute_reason = _settle_dtype(cfg, saved)
     devices, mesh_shape, accum, micro = _plan_devices(cfg.train, log)
     ds = _load_data(cfg, run_dir, source, log)
     if known_tok is None:
         tasks = _read_tasks(cfg.train.eval_tasks, ds.tokenizer, cfg.model.block_size, log)
     cfg = _complete_config(cfg, ds.tokenizer, given_vocab, latest, saved, run_dir)
+    # once the model's shape is whole (the vocabulary), before anything is traced: auto times its products
+    cfg, compute, compute_reason = _settle_dtype(cfg, saved, micro * cfg.model.block_size // mesh_shape[0])
     t = cfg.train
     ckpt = ckpt or Checkpointer(run_dir, keep=t.keep_checkpoints, then=AFTER_FAILURE)
     graphdef, strategy, shapes, state = _build_state(cfg, devices, ckpt, latest, saved, source, log)
@@ -159,12 +161,12 @@ def _find_resume_point(cfg: Config, run_dir: Path, log):
     return ckpt, latest, saved
 
 
-def _settle_dtype(cfg: Config, saved: dict | None):
+def _settle_dtype(cfg: Config, saved: dict | None, tokens: int):
     """The compute dtype the model is built in, decided before anything is traced (auto's measurement runs
-    real products): as set, or what auto stands for here (the same on every process of the run), or for a
-    resumed auto run the one it started with, so that a resume computes what the run computed. The config
-    written to the run keeps the dtype as given. Returns (cfg with the concrete dtype, the decision for the
-    header, the reason checkpoints record)."""
+    real products: the step's own, at its `tokens` per device): as set, or what auto stands for here (the
+    same on every process of the run), or for a resumed auto run the one it started with, so that a resume
+    computes what the run computed. The config written to the run keeps the dtype as given. Returns (cfg
+    with the concrete dtype, the decision for the header, the reason checkpoints record)."""
     if cfg.model.dtype != "auto":
         decision = precision.explain(cfg.model.dtype)
         return cfg, decision, decision.why
@@ -173,10 +175,12 @@ def _settle_dtype(cfg: Config, saved: dict | None):
         decision = precision.Decision(saved["compute_dtype"], f"auto: as this run decided at its start, {reason}; "
                                       "--model.dtype= changes it")
     else:
+        shape, measure = shape_key(cfg.model), lambda: step_speedup(cfg.model, tokens)
         if jax.process_count() > 1:  # every process computes alike: bfloat16 only where all chose it
-            precision.agree(not distributed.any_process(precision.decide().dtype != "bfloat16"))
-        reason = precision.decide().why
-        decision = precision.explain("auto")
+            mine = precision.decide(shape, measure).dtype
+            precision.agree(not distributed.any_process(mine != "bfloat16"), shape, measure)
+        reason = precision.decide(shape, measure).why
+        decision = precision.explain("auto", shape, measure)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=decision.dtype)), decision, reason
 
 

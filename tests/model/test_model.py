@@ -175,8 +175,9 @@ def test_rotary_encoding_turns_by_relative_position():
 
 
 def test_auto_dtype_is_a_concrete_choice():
-    from gptjax.runtime.precision import auto_dtype
+    from gptjax.model.products import decision
 
-    dtype, why = auto_dtype()
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100, dtype="auto")
+    dtype, why = decision(cfg)
     assert dtype in ("float32", "bfloat16") and why
     assert build(dtype="auto").wte.dtype == jnp.dtype(dtype)

@@ -14,6 +14,7 @@ from conftest import ARGS, JAX_CACHE_ENV, ROOT, start
 from gptjax.runtime import precision
 from gptjax.config import ModelConfig
 from gptjax.errors import UserError
+from gptjax.model import products
 from gptjax.model.gpt import GPT
 from xla_flags import xla_flags
 
@@ -21,9 +22,9 @@ from xla_flags import xla_flags
 BRANCHES = {
     "no-units": ("backend=cpu,flags=avx2 fma", "float32", "this CPU has no bfloat16 matrix units"),
     "units-no-speedup": ("backend=cpu,flags=avx512_bf16,speedup=1.1", "float32",
-                         "this CPU has avx512_bf16, but bfloat16 products given only 1.1x"),
+                         "this CPU has avx512_bf16, but the step's products in bfloat16 given only 1.10x"),
     "units-and-speedup": ("backend=cpu,flags=amx_bf16 avx512_bf16,speedup=2.5", "bfloat16",
-                          "this CPU's amx_bf16/avx512_bf16: bfloat16 products given 2.5x"),
+                          "this CPU's amx_bf16/avx512_bf16: the step's products in bfloat16 given 2.50x"),
     "accelerator": ("backend=gpu", "bfloat16", "gpu with bfloat16 matrix units"),
 }
 
@@ -43,17 +44,18 @@ def test_a_model_built_inside_a_trace_takes_the_decision(monkeypatch):
     """The decision may be asked for first while a model is being traced (nnx.eval_shape): it must not
     try to time a product on tracers there, which crashed train.py on every CPU with bf16 units."""
     monkeypatch.setenv(precision.HARDWARE_ENV, "backend=cpu,flags=amx_bf16")  # the speed-up is measured
-    precision._decide.cache_clear()
+    monkeypatch.setattr(precision, "_decisions", {})
     cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64, dtype="auto")
     model = nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0)))
-    assert model.wte.dtype == jnp.dtype(precision.decide().dtype)
-    assert "measured" in precision.decide().why
+    assert model.wte.dtype == jnp.dtype(products.decision(cfg).dtype)
+    assert "the step's products in bfloat16 measured" in products.decision(cfg).why
 
 
 def test_the_processes_of_a_run_agree(monkeypatch):
     """Each process measures its own speed-up; a run whose processes found different answers computes in
     float32 everywhere (train() shares the answer through distributed.any_process)."""
     monkeypatch.setattr(precision, "_agreed", {})
+    monkeypatch.setattr(precision, "_decisions", {})
     monkeypatch.setenv(precision.HARDWARE_ENV, BRANCHES["units-and-speedup"][0])
     assert precision.agree(everywhere_bfloat16=True).dtype == "bfloat16"
     agreed = precision.agree(everywhere_bfloat16=False)
