@@ -203,6 +203,19 @@ def _new_ids(out_BN: np.ndarray, active: list[int], ended: list[bool], eot_id: i
     return new
 
 
+def _start_segment(graphdef, params, contexts: list[list[int]], n: int, key, controls, sampling: Sampling, *,
+                   block_size: int) -> tuple[DecodeState, int]:
+    """The prefill of a segment: its rows' contexts left-padded to buckets of length and count, room for `n`
+    new tokens. Returns the decoding state and the rows it holds (spare ones repeat the first context)."""
+    P, N = bucket(max(map(len, contexts)), block_size), bucket(n, block_size)
+    B = bucket(len(contexts), limit=1 << 30, smallest=1)
+    prompt_BP, mask_BP = _left_padded(contexts, B, P)
+    state = _prefill(params, prompt_BP, mask_BP, key, *controls, graphdef=graphdef, n_out=N, sampling=sampling)
+    if B > len(contexts):  # spare rows would keep the loop running after every real row has ended
+        state = _with_done(state, np.arange(B) >= len(contexts))
+    return state, B
+
+
 def stream_ids(graphdef, params, prompts: list[list[int]], *, block_size: int, eot_id: int,
                max_new_tokens: int, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
                seed: int = 0, chunk: int = 0, should_end: Callable[[int, list[int]], bool] | None = None,
@@ -231,18 +244,11 @@ def stream_ids(graphdef, params, prompts: list[list[int]], *, block_size: int, e
         head_DV = output_matrix(graphdef, params)
     segment = 0
     while active:
-        keep = block_size if segment == 0 else max(1, block_size * 3 // 4)
-        contexts = [seqs[r][-keep:] for r in active]
-        longest = max(len(c) for c in contexts)
         # rows still running have all produced the same number of tokens; none may pass the context
-        n = min(max_new_tokens - produced[active[0]], block_size - longest + 1)
-        P, N = bucket(longest, block_size), bucket(n, block_size)
-        B = bucket(len(contexts), limit=1 << 30, smallest=1)  # spare rows repeat the first prompt
-        prompt_BP, mask_BP = _left_padded(contexts, B, P)
+        contexts = [seqs[r][-(block_size if segment == 0 else max(1, block_size * 3 // 4)):] for r in active]
+        n = min(max_new_tokens - produced[active[0]], block_size - max(map(len, contexts)) + 1)
         key = jax.random.fold_in(base_key, segment)
-        state = _prefill(params, prompt_BP, mask_BP, key, *controls, graphdef=graphdef, n_out=N, sampling=sampling)
-        if B > len(contexts):  # spare rows would keep the loop running after every real row has ended
-            state = _with_done(state, np.arange(B) >= len(contexts))
+        state, B = _start_segment(graphdef, params, contexts, n, key, controls, sampling, block_size=block_size)
         ended = [False] * len(active)
         start = 0
         while True:
