@@ -177,15 +177,7 @@ def bench_train(args, rest: list[str]) -> None:
     if args.compare == "torch":
         runners["torch"] = TorchRunner(cfg)
         runners["torch"](max(args.warmup, 1))
-    seconds = {name: [] for name in runners}
-    peaks = []
-    for _ in range(args.rounds):  # alternate, so that every runner sees the same load
-        if on_cpu and args.peak_tflops is None:
-            peaks.append(matmul_rate(compute, PEAK_SIZE, repeats=3))
-        for name, run in runners.items():
-            seconds[name].append(run(args.steps) / args.steps)
-    if "torch" in runners:
-        runners["torch"].close()
+    seconds, peaks = timed_rounds(runners, args, compute if on_cpu and args.peak_tflops is None else None)
     if args.peak_tflops is not None:
         peak, source = args.peak_tflops * 1e12, "--peak-tflops"
     elif on_cpu:
@@ -196,14 +188,36 @@ def bench_train(args, rest: list[str]) -> None:
     print(f"peak per device: {f'{peak / 1e12:.3f} TFLOP/s' if peak else 'unknown (pass --peak-tflops)'} ({source}); "
           f"loss {ours.loss():.3f}; compile {compile_s:.1f} s; step compilations {ours.strategy.traces} "
           f"({traces_after_compile} at the first step); {mem_name} {mem / 2**30:.2f} GiB")
+    print_table(seconds, tokens, flops_step, peak * n_dev if peak else None)
+    if args.max_batch:
+        print(f"largest batch that fits: {largest_batch(cfg)}")
 
-    names = list(runners)
+
+def timed_rounds(runners: dict, args, peak_dtype) -> tuple[dict[str, list[float]], list[float]]:
+    """Seconds per step of each runner in every round, the runners alternating so that each sees the same
+    load; with `peak_dtype`, the peak product rate measured in every round too (a CPU's peak)."""
+    seconds = {name: [] for name in runners}
+    peaks = []
+    for _ in range(args.rounds):
+        if peak_dtype is not None:
+            peaks.append(matmul_rate(peak_dtype, PEAK_SIZE, repeats=3))
+        for name, run in runners.items():
+            seconds[name].append(run(args.steps) / args.steps)
+    if "torch" in runners:
+        runners["torch"].close()
+    return seconds, peaks
+
+
+def print_table(seconds: dict[str, list[float]], tokens: int, flops_step: float, peak: float | None) -> None:
+    """Medians per runner (ms/step, tokens/s, TFLOP/s, MFU against `peak` over all devices) and, with two
+    runners, how many times faster gptjax is."""
+    names = list(seconds)
     rows = {}
     for name in names:
         s = statistics.median(seconds[name])
         achieved = flops_step / s
         rows[name] = {"ms/step": 1e3 * s, "tokens/s": tokens / s, "TFLOP/s": achieved / 1e12,
-                      "MFU %": 100 * achieved / (peak * n_dev) if peak else None}
+                      "MFU %": 100 * achieved / peak if peak else None}
     print(f"{'':12}" + "".join(f"{n:>12}" for n in names) + ("       ratio" if len(names) > 1 else ""))
     for key in rows["gptjax"]:
         cells = [rows[n][key] for n in names]
@@ -214,8 +228,6 @@ def bench_train(args, rest: list[str]) -> None:
     if len(names) > 1:
         print("ratio: how many times faster gptjax is; per-round ms/step: "
               + "; ".join(f"{n} " + " ".join(f"{1e3 * s:.0f}" for s in seconds[n]) for n in names))
-    if args.max_batch:
-        print(f"largest batch that fits: {largest_batch(cfg)}")
 
 
 def largest_batch(cfg: Config) -> int:
