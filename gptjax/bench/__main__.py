@@ -43,10 +43,8 @@ def _bench_data(args, rest) -> None:
     bench_data(args, rest)
 
 
-@cli
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gptjax.bench", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def _sample_parser(commands) -> None:
+    """python -m gptjax.bench sample: decoding speed against its bounds."""
     sample = commands.add_parser("sample", help="decoding speed, time to first token and compile time")
     sample.add_argument("--compare", choices=["torch"], help="also time transformers' GPT2LMHeadModel.generate")
     sample.add_argument("--model", choices=sorted(MODELS), default="reference", help="the shape (default: reference)")
@@ -57,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     sample.add_argument("--new_tokens", type=int, default=200, help="tokens to generate (default: 200)")
     sample.add_argument("--runs", type=int, default=5, help="timed runs per figure (default: 5)")
     sample.set_defaults(run=_bench_sample)
+
+
+def _train_parser(commands) -> None:
+    """python -m gptjax.bench train: the training step's speed and memory."""
     train = commands.add_parser("train", help="training step time, tokens/s, TFLOP/s, MFU, memory, compile time",
                                 epilog="other options (--config=PRESET, --model.n_layer=12, --train.batch_size=16, "
                                        "...) set the model and batch as in train.py; without --config, the "
@@ -71,6 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--max-batch", "--max_batch", action="store_true", dest="max_batch",
                        help="then find the largest batch size that fits, doubling from --train.batch_size")
     train.set_defaults(run=_bench_train)
+
+
+def _data_parser(commands) -> None:
+    """python -m gptjax.bench data: preparing token shards, against tiktoken's own rate."""
     data = commands.add_parser("data", help="preparation of token shards: MB/s, tokens/s, peak memory, against "
                                             "tiktoken's own rate on the same files",
                                epilog="other options (--data.corpus=SPEC, --data.workers=N, --data.tokenizer=byte, "
@@ -87,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     data.add_argument("--format", choices=["txt", "jsonl", "jsonl.zst", "parquet"], default="txt",
                       help="with --build: the files' format (default: txt, one document per file)")
     data.set_defaults(run=_bench_data)
+
+
+def _quality_parser(commands) -> None:
+    """python -m gptjax.bench quality: bits per byte per option in a fixed budget."""
     quality = commands.add_parser("quality", help="validation bits per byte that each option reaches in a fixed "
                                                   "wall-clock budget of training on the default corpus")
     quality.add_argument("--budget", type=float, default=300, help="seconds of training steps per arm (default: 300)")
@@ -101,6 +111,14 @@ def main(argv: list[str] | None = None) -> None:
     quality.add_argument("--out", default="out/quality", help="where the runs and quality.json go (default: "
                                                              "out/quality)")
     quality.set_defaults(run=_bench_quality)
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gptjax.bench", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_sample_parser, _train_parser, _data_parser, _quality_parser):
+        add(commands)
     args, rest = parser.parse_known_args(argv)
     if args.command in ("train", "quality"):
         from gptjax.runtime.cpu import tune_for_cpu
