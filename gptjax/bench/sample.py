@@ -118,6 +118,47 @@ class TorchRunner:
         self.process.join(timeout=60)
 
 
+def _time_batch(runners: dict, ours: list[str], batch: int, args, rows: dict, meter) -> list[float]:
+    """Compile and first-token times, decoding and end-to-end rates at `batch`, into `rows`; the runners
+    alternate so that all see the same load, and the memory bandwidth is read after each round (returned)."""
+    for name in ours:
+        rows[name][f"batch {batch}: compile s"] = compile_seconds(lambda: runners[name](batch, args.new_tokens))
+        runners[name](batch, 1)
+    for run in runners.values():  # warm up
+        run(batch, args.new_tokens)
+    first = {name: [] for name in runners}
+    total = {name: [] for name in runners}
+    bandwidths = []
+    for _ in range(args.runs):
+        for name, run in runners.items():
+            first[name].append(run(batch, 1))
+            total[name].append(run(batch, args.new_tokens))
+        bandwidths.append(meter())
+    for name in runners:
+        t_first, t_total = statistics.median(first[name]), statistics.median(total[name])
+        rows[name][f"batch {batch}: decode tokens/s"] = batch * (args.new_tokens - 1) / max(t_total - t_first, 1e-9)
+        rows[name][f"batch {batch}: end-to-end tokens/s"] = batch * args.new_tokens / t_total
+        rows[name][f"batch {batch}: first token ms"] = 1e3 * t_first
+    return bandwidths
+
+
+def _print_table(rows: dict, names: list[str], ours: list[str]) -> None:
+    """One row per figure, a column per runner, and with transformers' the ratios."""
+    compare = "torch" in names
+    print(f"{'':32}" + "".join(f"{n:>18}" for n in names)
+          + ("".join(f"{n.replace('gptjax', 'ratio'):>18}" for n in ours) if compare else ""))
+    for key in sorted(rows[ours[0]], key=lambda k: (int(k.split()[1].rstrip(":")), k)):
+        cells = [rows[n].get(key) for n in names]
+        line = f"{key:32}" + "".join(f"{c:18.1f}" if c is not None else f"{'-':>18}" for c in cells)
+        if compare and rows["torch"].get(key) is not None:
+            theirs = rows["torch"][key]
+            line += "".join(f"{rows[n][key] / theirs if 'tokens/s' in key else theirs / rows[n][key]:17.2f}x"
+                            for n in ours)
+        print(line)
+    if compare:
+        print("ratio: how many times faster gptjax is than transformers' float32 generate")
+
+
 def bench_sample(args) -> None:
     shape = MODELS[args.model]
     dtypes = list(dict.fromkeys(args.dtype))
@@ -140,23 +181,7 @@ def bench_sample(args) -> None:
     rows: dict[str, dict[str, float]] = {name: {} for name in runners}
     meter, bandwidths = bandwidth_meter(), []
     for batch in args.batch:
-        for name in ours:
-            rows[name][f"batch {batch}: compile s"] = compile_seconds(lambda: runners[name](batch, args.new_tokens))
-            runners[name](batch, 1)
-        for run in runners.values():  # warm up
-            run(batch, args.new_tokens)
-        first = {name: [] for name in runners}
-        total = {name: [] for name in runners}
-        for _ in range(args.runs):  # alternate, so that all see the same load, the bandwidth's bound too
-            for name, run in runners.items():
-                first[name].append(run(batch, 1))
-                total[name].append(run(batch, args.new_tokens))
-            bandwidths.append(meter())
-        for name in runners:
-            t_first, t_total = statistics.median(first[name]), statistics.median(total[name])
-            rows[name][f"batch {batch}: decode tokens/s"] = batch * (args.new_tokens - 1) / max(t_total - t_first, 1e-9)
-            rows[name][f"batch {batch}: end-to-end tokens/s"] = batch * args.new_tokens / t_total
-            rows[name][f"batch {batch}: first token ms"] = 1e3 * t_first
+        bandwidths += _time_batch(runners, ours, batch, args, rows, meter)
     if "torch" in runners:
         runners["torch"].close()
 
@@ -169,17 +194,4 @@ def bench_sample(args) -> None:
         share = f"; {name} decodes at {decode / bound:.0%} of that" if decode else ""
         print(f"{name}: at most {bound:.0f} tokens/s at batch 1, reading {bytes_per_token[name] / 1e6:.0f} MB of "
               f"weights per token{share}")
-    names = list(runners)
-    compare = "torch" in runners
-    print(f"{'':32}" + "".join(f"{n:>18}" for n in names)
-          + ("".join(f"{n.replace('gptjax', 'ratio'):>18}" for n in ours) if compare else ""))
-    for key in sorted(rows[ours[0]], key=lambda k: (int(k.split()[1].rstrip(":")), k)):
-        cells = [rows[n].get(key) for n in names]
-        line = f"{key:32}" + "".join(f"{c:18.1f}" if c is not None else f"{'-':>18}" for c in cells)
-        if compare and rows["torch"].get(key) is not None:
-            theirs = rows["torch"][key]
-            line += "".join(f"{rows[n][key] / theirs if 'tokens/s' in key else theirs / rows[n][key]:17.2f}x"
-                            for n in ours)
-        print(line)
-    if compare:
-        print("ratio: how many times faster gptjax is than transformers' float32 generate")
+    _print_table(rows, list(runners), ours)
