@@ -135,7 +135,7 @@ def transposed(a_KN):
 
 # ----------------------------------------------------------------------------- auto's measurement
 
-MEASURE_FLOP = 1.5e10  # the most one timed call may compute: rows are cut down for wide models
+MEASURE_FLOP = 1e10  # the most each timed call computes: the block's rows, the output layer's columns cut to it
 
 
 def _dims(cfg) -> tuple[tuple[int, int], ...]:
@@ -188,13 +188,16 @@ def _best_time(fn, args, repeats: int = 3) -> float:
 def step_speedup(cfg, tokens: int = 0) -> float:
     """How much faster this model's training step's products run in bfloat16 than in float32 here: the
     linear layers' and the output layer's products, forward and backward, in the forms each dtype's step
-    writes them, at `tokens` rows (the step's tokens per device; cut to MEASURE_FLOP a call), a block's
-    time counted n_layer times. float32's time over bfloat16's."""
+    writes them, at `tokens` rows (the step's tokens per device, at most 2,048). A block's time counts
+    n_layer times; the output layer is timed on as many of its columns as MEASURE_FLOP allows and scaled
+    to all of them (a wide vocabulary is many columns of one product form), and a block wider than
+    MEASURE_FLOP on fewer rows. float32's time over bfloat16's."""
     import numpy as np
 
     dims, V, D = _dims(cfg), cfg.padded_vocab_size, cfg.n_embd
-    per_row = 6 * (sum(k * n for k, n in dims) + D * V)
-    M = int(min(tokens or 2048, max(64, MEASURE_FLOP // per_row)))
+    M = int(min(tokens or 2048, 2048))
+    M_block = int(min(M, max(64, MEASURE_FLOP // (6 * sum(k * n for k, n in dims)))))
+    V_head = int(min(V, max(256, MEASURE_FLOP // (6 * M * D)) // 128 * 128))
     rng = np.random.default_rng(0)
     total = {}
     for dtype in (jnp.float32, jnp.bfloat16):
@@ -202,10 +205,10 @@ def step_speedup(cfg, tokens: int = 0) -> float:
             return jnp.asarray(rng.standard_normal(shape, np.float32) * 0.02, dt)
 
         block, head = _products(dtype, dims, V, D)
-        xs, ws, gs = [arr(M, k) for k, _ in dims], [arr(k, n, dt=jnp.float32) for k, n in dims], [arr(M, n) for _, n in dims]
-        t_block = _best_time(block, (xs, ws, gs))
-        t_head = _best_time(head, (arr(M, D), arr(V, D, dt=jnp.float32), arr(M, V, dt=jnp.float32)))
-        total[dtype] = cfg.n_layer * t_block + t_head
+        xs, ws = [arr(M_block, k) for k, _ in dims], [arr(k, n, dt=jnp.float32) for k, n in dims]
+        t_block = _best_time(block, (xs, ws, [arr(M_block, n) for _, n in dims])) * M / M_block
+        t_head = _best_time(head, (arr(M, D), arr(V_head, D, dt=jnp.float32), arr(M, V_head, dt=jnp.float32)))
+        total[dtype] = cfg.n_layer * t_block + t_head * V / V_head
     return total[jnp.float32] / total[jnp.bfloat16]
 
 
