@@ -20,6 +20,7 @@ from the machine; `flags=` empty for a CPU without the units).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Hashable
@@ -39,14 +40,15 @@ class Decision(NamedTuple):
     why: str
 
 
-def cpu_flags() -> set[str]:
+@functools.cache  # asked at every bfloat16 product a model traces (products.plain_forms)
+def cpu_flags() -> frozenset[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def matmul_rate(dtype, n: int = 1024, repeats: int = 5) -> float:
