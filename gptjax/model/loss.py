@@ -57,11 +57,10 @@ def _chunk_logits(x_BtD, w):
     return jnp.dot(x_RD, w.T).astype(jnp.float32)
 
 
-def _head(w_VD, vocab_size: int, dtype):
-    """The output matrix in the compute dtype as the chunks' product reads it: (V, D), or for the plain forms
-    (bfloat16 on a CPU: gptjax.model.products) its (D, V) copy, made once for every chunk."""
-    w = _real_vocab(w_VD, vocab_size, dtype)
-    return products.plain(w.T) if products.plain_forms(dtype) else w
+def _head(w_VD):
+    """The output matrix (_real_vocab's) as the chunks' product reads it: itself, or for the plain forms
+    (bfloat16 on a CPU with the units: gptjax.model.products) its (D, V) copy, made once for every chunk."""
+    return products.plain(w_VD.T) if products.plain_forms(w_VD.dtype) else w_VD
 
 
 def _chunk_loss(logits_RV, targets_R, weights_R):
@@ -87,7 +86,7 @@ def chunked_cross_entropy(h_BTD, w_VD, targets_BT, vocab_size: int, chunk: int):
     targets_BT: int token ids below vocab_size. Rows of w past vocab_size are never predicted.
     """
     hs, ts, ws = _chunks(h_BTD, targets_BT, chunk)
-    w = _head(w_VD, vocab_size, h_BTD.dtype)
+    w = _head(_real_vocab(w_VD, vocab_size, h_BTD.dtype))
 
     def body(total, inputs):
         x_BtD, t_Bt, wt_Bt = inputs
@@ -104,7 +103,7 @@ def _forward_and_gradients(h_BTD, w_VD, targets_BT, vocab_size: int, chunk: int)
     hs, ts, ws = _chunks(h_BTD, targets_BT, chunk)
     w = _real_vocab(w_VD, vocab_size, dtype)
     plain = products.plain_forms(dtype)  # both gradients' products in the plain forms, the weight's made (D, V)
-    w_head = _head(w_VD, vocab_size, dtype)
+    w_head = _head(w)
 
     def body(carry, inputs):
         total, dw = carry
@@ -149,7 +148,7 @@ def token_logprobs(h_BTD, w_VD, targets_BT, vocab_size: int, chunk: int):
     """
     B, T, _ = h_BTD.shape
     hs, ts, _ = _chunks(h_BTD, targets_BT, chunk)
-    w = _head(w_VD, vocab_size, h_BTD.dtype)
+    w = _head(_real_vocab(w_VD, vocab_size, h_BTD.dtype))
 
     def one_chunk(inputs):
         x_BtD, t_Bt = inputs
