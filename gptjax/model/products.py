@@ -212,11 +212,16 @@ def step_speedup(cfg, tokens: int = 0) -> float:
     return total[jnp.float32] / total[jnp.bfloat16]
 
 
+def auto_inputs(cfg, tokens: int = 0) -> tuple:
+    """(shape, measure) for precision.decide and its kin: this model's key and the timing of its step."""
+    return shape_key(cfg), lambda: step_speedup(cfg, tokens)
+
+
 def decision(cfg, tokens: int = 0) -> precision.Decision:
     """precision.decide for this model: what auto stands for here, measured on its own step's products."""
-    return precision.decide(shape_key(cfg), lambda: step_speedup(cfg, tokens))
+    return precision.decide(*auto_inputs(cfg, tokens))
 
 
 def explain_dtype(cfg, tokens: int = 0) -> precision.Decision:
     """precision.explain for this model's dtype: (float32, 'as set'), or (bfloat16, 'auto: ...') and so on."""
-    return precision.explain(cfg.dtype, shape_key(cfg), lambda: step_speedup(cfg, tokens))
+    return precision.explain(cfg.dtype, *auto_inputs(cfg, tokens))

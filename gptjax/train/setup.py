@@ -27,7 +27,7 @@ from gptjax.data import Dataset
 from gptjax.errors import UserError
 from gptjax.eval.tasks import read_tasks
 from gptjax.model.gpt import GPT, abstract, count_params
-from gptjax.model.products import shape_key, step_speedup
+from gptjax.model.products import auto_inputs
 from gptjax.options import from_dict, to_dict
 from gptjax.model.stacked import relayout
 from gptjax.runtime import precision
@@ -175,7 +175,7 @@ def _settle_dtype(cfg: Config, saved: dict | None, tokens: int):
         decision = precision.Decision(saved["compute_dtype"], f"auto: as this run decided at its start, {reason}; "
                                       "--model.dtype= changes it")
     else:
-        shape, measure = shape_key(cfg.model), lambda: step_speedup(cfg.model, tokens)
+        shape, measure = auto_inputs(cfg.model, tokens)
         if jax.process_count() > 1:  # every process computes alike: bfloat16 only where all chose it
             mine = precision.decide(shape, measure).dtype
             precision.agree(not distributed.any_process(mine != "bfloat16"), shape, measure)
