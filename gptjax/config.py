@@ -103,6 +103,11 @@ class DataConfig:
     dir: str = opt("", "where the token shards go; empty: <out_dir>/data. Several folders (comma-separated or a "
                        "glob) of prepared shards are read as one")
     workers: int = opt(0, "tokenizer processes when preparing the shards; 0: one per core")
+    doc_mask: bool = opt(False, "attention stops at end-of-text: a token sees only the earlier tokens of its own "
+                                "document inside the window, in training, validation and every score of the run")
+    doc_positions: Literal["continue", "restart"] = opt(
+        "continue", "with --data.doc_mask: positions go on across documents (continue) or restart at 0 at each "
+                    "document's start (restart)")
 
     def __post_init__(self):
         # a folder that a preparation writes as it is given (gptjax.data prepare): ~ is expanded here, once
@@ -111,6 +116,9 @@ class DataConfig:
         _check(self.workers >= 0, f"data.workers must be 0 (one per core) or more, got {self.workers}.")
         _check(512 <= self.bpe_vocab <= 1 << 20, f"data.bpe_vocab must be 512 to 1,048,576, got {self.bpe_vocab}.")
         _check(bool(self.text_field), "data.text_field must name a field, e.g. text.")
+        _check(self.doc_mask or self.doc_positions == "continue",
+               "--data.doc_positions=restart restarts positions at each document, which only --data.doc_mask=true "
+               "makes a boundary of; add --data.doc_mask=true, or leave doc_positions at continue.")
 
 
 @dataclass(frozen=True)

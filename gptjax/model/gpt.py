@@ -37,7 +37,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.config import ModelConfig
-from gptjax.model import products
+from gptjax.model import documents, products
+from gptjax.model.documents import Documents
 from gptjax.model.loss import chunked_cross_entropy, cross_entropy, token_logprobs
 
 INIT_STD = 0.02
@@ -109,16 +110,19 @@ def attention_implementation(q_BTNH) -> str | None:
     return "cudnn"
 
 
-def causal_attention(q_BTNH, k_BSKH, v_BSKH):
+def causal_attention(q_BTNH, k_BSKH, v_BSKH, same_BTS=None):
     """Causal self-attention over full sequences, through jax.nn.dot_product_attention (K may be fewer
-    heads than N: grouped-query attention)."""
+    heads than N: grouped-query attention). `same_BTS`, where given, also keeps each query inside its
+    own document (gptjax.model.documents), as the mask both implementations take."""
+    mask = None if same_BTS is None else same_BTS[:, None]  # (B, 1, T, S), the same for every head
     implementation = attention_implementation(q_BTNH)
     if implementation == "cudnn":
         try:
-            return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation="cudnn")
+            return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, is_causal=True,
+                                                implementation="cudnn")
         except (RuntimeError, ValueError, NotImplementedError):  # a cuDNN too old for the fused kernel
             pass
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True)
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, is_causal=True)
 
 
 def _cached_attention(q_XTH, k_XSH, v_XSH, mask_XTS):
@@ -146,8 +150,8 @@ class CausalSelfAttention(nnx.Module):
         self.qk_norm = cfg.qk_norm
         self.resid_dropout = nnx.Dropout(cfg.dropout)
 
-    def __call__(self, x_BTD, positions_BT, *, cache=None, index=None, valid_BS=None, deterministic=True,
-                 rngs=None):
+    def __call__(self, x_BTD, positions_BT, *, cache=None, index=None, valid_BS=None, same_BTS=None,
+                 deterministic=True, rngs=None):
         B, T, D = x_BTD.shape
         N, K = self.n_head, self.n_kv_head
         H, G = D // N, N // K
@@ -158,7 +162,7 @@ class CausalSelfAttention(nnx.Module):
         if self.rope_base is not None:
             q_BTNH, k_BTKH = rotary(q_BTNH, positions_BT, self.rope_base), rotary(k_BTKH, positions_BT, self.rope_base)
         if cache is None:
-            y_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH)
+            y_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, same_BTS)
         else:
             # the cache is kept (X, S, H), X = B·K rows of one key/value head: the attention dots read
             # it as it lies, where other layouts cost the CPU a copy or a transpose per step. The G
@@ -171,7 +175,10 @@ class CausalSelfAttention(nnx.Module):
             S = k_XSH.shape[1]
             # key s is visible to query t when it is a real token and not in t's future
             causal_TS = jnp.arange(S)[None, :] <= (index + jnp.arange(T))[:, None]
-            mask_XQS = jnp.repeat(jnp.tile(causal_TS, (G, 1))[None, :, :] & valid_BS[:, None, :], K, axis=0)
+            mask_BQS = jnp.tile(causal_TS, (G, 1))[None, :, :] & valid_BS[:, None, :]
+            if same_BTS is not None:  # and in t's own document
+                mask_BQS = mask_BQS & jnp.tile(same_BTS, (1, G, 1))
+            mask_XQS = jnp.repeat(mask_BQS, K, axis=0)
             y_XQH = _cached_attention(q_XQH, k_XSH.astype(q_XQH.dtype), v_XSH.astype(q_XQH.dtype), mask_XQS)
             y_BTNH = y_XQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
         y_BTD = self.c_proj(y_BTNH.reshape(B, T, D))
@@ -207,10 +214,10 @@ class Block(nnx.Module):
         self.ln_2 = _norm(cfg, cfg.n_embd, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BTD, positions_BT, *, cache=None, index=None, valid_BS=None, deterministic=True,
-                 rngs=None):
+    def __call__(self, x_BTD, positions_BT, *, cache=None, index=None, valid_BS=None, same_BTS=None,
+                 deterministic=True, rngs=None):
         a_BTD, cache = self.attn(self.ln_1(x_BTD), positions_BT, cache=cache, index=index, valid_BS=valid_BS,
-                                 deterministic=deterministic, rngs=rngs)
+                                 same_BTS=same_BTS, deterministic=deterministic, rngs=rngs)
         x_BTD = x_BTD + a_BTD
         x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD), deterministic=deterministic, rngs=rngs)
         return x_BTD, cache
@@ -228,10 +235,14 @@ def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
 
 
 class GPT(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    """`docs` (gptjax.model.documents, from the run's data options and tokenizer): attention stops at
+    end-of-text, and with its restart positions restart at each document; None: one causal stream."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, docs: Documents | None = None):
         if cfg.vocab_size < 1:
             raise ValueError("ModelConfig.vocab_size must be resolved (from the tokenizer) before building a model")
         self.cfg = cfg
+        self.docs = docs
         emb_init = nnx.initializers.normal(INIT_STD)
         self.wte = nnx.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=_dtype(cfg),
                              param_dtype=jnp.float32, embedding_init=emb_init, rngs=rngs)
@@ -282,27 +293,33 @@ class GPT(nnx.Module):
         graphdef, state = nnx.split(self.h)
         return jax.lax.scan(lambda x, layer: body(x, nnx.merge(graphdef, layer[0]), layer[1]), x_BTD, (state, xs))
 
-    def features(self, idx_BT, *, deterministic=True, rngs=None, remat: str = "none"):
+    def features(self, idx_BT, *, deterministic=True, rngs=None, remat: str = "none", positions_BT=None):
         """The last block's output for a batch of full sequences, before the final layer norm.
 
         `remat` (see REMAT) trades compute for memory in a backward pass: "block" keeps only each
         block's input and recomputes the rest, "dots" also keeps the matrix products' outputs.
+        `positions_BT` default to 0, 1, ..., T - 1 (restarted at each document with docs' restart).
         """
         B, T = idx_BT.shape
-        positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+        same_BTT = None
+        if self.docs is not None:
+            segment_BT, positions_BT = documents.window(self.docs, idx_BT, positions_BT)
+            same_BTT = documents.same_document(segment_BT, segment_BT)
         x_BTD = self._embed(idx_BT, positions_BT, deterministic, rngs)
-        run = lambda blk, x, p, r: blk(x, p, deterministic=deterministic, rngs=r)[0]  # noqa: E731
+        run = lambda blk, x, p, m, r: blk(x, p, same_BTS=m, deterministic=deterministic, rngs=r)[0]  # noqa: E731
         if remat != "none":  # per block, and so inside the scanned body
             run = nnx.remat(run, policy=REMAT[remat])
         if self.cfg.scan_layers:  # every layer the same dropout key, as in the loop below
-            return self._scan_layers(lambda x, blk, _: (run(blk, x, positions_BT, rngs), None), x_BTD)[0]
+            return self._scan_layers(lambda x, blk, _: (run(blk, x, positions_BT, same_BTT, rngs), None), x_BTD)[0]
         for block in self.h:
-            x_BTD = run(block, x_BTD, positions_BT, rngs)
+            x_BTD = run(block, x_BTD, positions_BT, same_BTT, rngs)
         return x_BTD
 
-    def __call__(self, idx_BT, *, deterministic=True, rngs=None):
+    def __call__(self, idx_BT, *, deterministic=True, rngs=None, positions_BT=None):
         """Logits (float32, padded vocabulary) for every position of a batch of full sequences."""
-        return self._logits(self.features(idx_BT, deterministic=deterministic, rngs=rngs))
+        return self._logits(self.features(idx_BT, deterministic=deterministic, rngs=rngs, positions_BT=positions_BT))
 
     def loss(self, idx_BT, targets_BT, *, chunk: int = 0, remat: str = "none", deterministic=True, rngs=None):
         """Mean next-token cross-entropy; `chunk` > 0 computes it that many tokens at a time
@@ -328,7 +345,8 @@ class GPT(nnx.Module):
             layers = {"k": jnp.zeros((cfg.n_layer, *shape), dtype), "v": jnp.zeros((cfg.n_layer, *shape), dtype)}
         else:
             layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
-        return {"index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch_size, S), jnp.bool_), "layers": layers}
+        cache = {"index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch_size, S), jnp.bool_), "layers": layers}
+        return cache if self.docs is None else {**cache, "docs": documents.init_cache(batch_size, S)}
 
     def output_matrix(self):
         """The output layer as a (D, V) matrix in the compute dtype, for `decode`'s head_DV. The layer is
@@ -354,8 +372,14 @@ class GPT(nnx.Module):
         if token_mask_BT is None:
             token_mask_BT = jnp.ones((B, T), jnp.bool_)
         valid_BS = jax.lax.dynamic_update_slice(cache["valid"], token_mask_BT, (0, index))
+        same_BTS, docs_cache = None, {}
+        if self.docs is not None:  # the prompt's documents, as the full-sequence forward sees them
+            same_BTS, positions_BT, docs = documents.extend_cache(self.docs, cache["docs"], idx_BT, positions_BT,
+                                                                  token_mask_BT, index)
+            docs_cache = {"docs": docs}
         x_BTD = self._embed(idx_BT, positions_BT, True, None)
-        run = lambda x, blk, c: blk(x, positions_BT, cache=c, index=index, valid_BS=valid_BS)  # noqa: E731
+        run = lambda x, blk, c: blk(x, positions_BT, cache=c, index=index, valid_BS=valid_BS,  # noqa: E731
+                                    same_BTS=same_BTS)
         if self.cfg.scan_layers:
             x_BTD, layers = self._scan_layers(run, x_BTD, cache["layers"])
         else:
@@ -363,7 +387,7 @@ class GPT(nnx.Module):
             for block, layer_cache in zip(self.h, cache["layers"]):
                 x_BTD, layer_cache = run(x_BTD, block, layer_cache)
                 layers.append(layer_cache)
-        new_cache = {"index": index + T, "valid": valid_BS, "layers": layers}
+        new_cache = {"index": index + T, "valid": valid_BS, "layers": layers, **docs_cache}
         return self._logits(x_BTD[:, -1:] if last_only else x_BTD, head_DV), new_cache
 
 
@@ -372,12 +396,12 @@ def count_params(params) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def abstract(cfg: ModelConfig, per_layer: bool = False):
+def abstract(cfg: ModelConfig, per_layer: bool = False, docs: Documents | None = None):
     """The model built from shapes alone, nothing allocated: its graph and its parameters as plain nested
     dicts of ShapeDtypeStructs (the names checkpoints use). per_layer: blocks as GPT-2 names them
     (h/0, h/1, ...) whatever cfg.scan_layers says. The one shapes-only build of the model, cached per
     shape, so a notebook that reloads a run every few seconds pays for it once."""
     if per_layer:
         cfg = dataclasses.replace(cfg, scan_layers=False)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0))), nnx.Param)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0), docs)), nnx.Param)
     return graphdef, nnx.to_pure_dict(params)
