@@ -14,6 +14,7 @@ from flax import nnx
 from gptjax.weights import sources
 from gptjax.config import Config
 from gptjax.errors import UserError
+from gptjax.model import documents
 from gptjax.model.score import Scorer, sliding_windows
 from gptjax.inference.generate import GEMV_ROWS, output_matrix, stream_ids
 from gptjax.model.gpt import GPT, abstract, resolve_dtype
@@ -171,5 +172,6 @@ def load(path: str | Path, step: int | None = None, dtype: str | None = None) ->
     dtype: bfloat16 reads half the bytes per decoded token; parameters are kept as stored.
     """
     source = sources.read(path, step, dtype)
-    graphdef, _ = abstract(source.config.model)
+    # a run trained with --data.doc_mask is scored and sampled with its documents' mask, as it was trained
+    graphdef, _ = abstract(source.config.model, docs=documents.of_run(source.config.data, source.tokenizer.eot_id))
     return Pretrained(source.config, graphdef, source.params, source.step, source.path, source.tokenizer)

@@ -26,6 +26,8 @@ from gptjax.config import Config
 from gptjax.data import Dataset
 from gptjax.errors import UserError
 from gptjax.eval.tasks import read_tasks
+from gptjax.model import documents
+from gptjax.model.documents import Documents
 from gptjax.model.gpt import GPT, abstract, count_params
 from gptjax.model.products import auto_inputs
 from gptjax.options import from_dict, to_dict
@@ -98,7 +100,8 @@ def set_up(cfg: Config, log) -> tuple[Plan, Checkpointer, dict]:
     cfg, compute, compute_reason = _settle_dtype(cfg, saved, micro * cfg.model.block_size // mesh_shape[0])
     t = cfg.train
     ckpt = ckpt or Checkpointer(run_dir, keep=t.keep_checkpoints, then=AFTER_FAILURE)
-    graphdef, strategy, shapes, state = _build_state(cfg, devices, ckpt, latest, saved, source, log)
+    docs = documents.of_run(cfg.data, ds.tokenizer.eot_id)  # the model stops attention at the data's end-of-text
+    graphdef, strategy, shapes, state = _build_state(cfg, docs, devices, ckpt, latest, saved, source, log)
     n_params = count_params(shapes["params"])
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
     peak = peak_flops(devices[0])
@@ -213,12 +216,13 @@ def _complete_config(cfg: Config, tok: Tokenizer, given_vocab, latest, saved, ru
     return cfg
 
 
-def _build_state(cfg: Config, devices: list, ckpt: Checkpointer, latest, saved, source, log):
+def _build_state(cfg: Config, docs, devices: list, ckpt: Checkpointer, latest, saved, source, log):
     """The strategy, and the training state created, restored or taken from the fine-tune's source
-    straight into its layout: with fsdp no process holds the whole state.
+    straight into its layout: with fsdp no process holds the whole state. `docs`: the model's
+    document rule (gptjax.model.documents), None for one causal stream.
     Returns (the model's structure, the strategy, the state's shapes, the state)."""
     t = cfg.train
-    graphdef, make_params = model_init(cfg)
+    graphdef, make_params = model_init(cfg, docs)
     tx = make_optimizer(t)
 
     def make_state():
@@ -258,11 +262,12 @@ def resolve(cfg: Config, tok: Tokenizer | None = None, given_vocab: int | None =
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
-def model_init(cfg: Config):
-    """The model's structure, and a pure function that draws its initial parameters as plain nested dicts
-    (clean names in checkpoints), for jit to compile into any layout. The blocks are drawn per layer and
-    then stacked if --model.scan_layers: a seed gives the same weights in either layout."""
-    graphdef, _ = abstract(cfg.model)
+def model_init(cfg: Config, docs: Documents | None = None):
+    """The model's structure (with its document rule `docs`), and a pure function that draws its initial
+    parameters as plain nested dicts (clean names in checkpoints), for jit to compile into any layout. The
+    blocks are drawn per layer and then stacked if --model.scan_layers: a seed gives the same weights in
+    either layout (and with or without docs, which hold no parameters)."""
+    graphdef, _ = abstract(cfg.model, docs=docs)
     per_layer = dataclasses.replace(cfg.model, scan_layers=False)
 
     def make_params():
@@ -272,9 +277,9 @@ def model_init(cfg: Config):
     return graphdef, make_params
 
 
-def init_model(cfg: Config):
+def init_model(cfg: Config, docs: Documents | None = None):
     """The model's structure and its initial parameters, whole on the default device."""
-    graphdef, make_params = model_init(cfg)
+    graphdef, make_params = model_init(cfg, docs)
     return graphdef, jax.jit(make_params)()
 
 

@@ -1,0 +1,81 @@
+"""--data.doc_mask and --data.doc_positions in a run: the options and their refusals, and a doc-mask run
+that trains, checkpoints, resumes exactly and loads into a model that scores as the run validated.
+The model's side (a packed document computes what it computes alone) is tests/model/test_documents.py."""
+
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import tiny_config
+from gptjax import data as data_lib
+from gptjax import load
+from gptjax.config import Config, DataConfig
+from gptjax.errors import UserError
+from gptjax.model.documents import Documents
+from gptjax.model.gpt import abstract
+from gptjax.options import from_dict, parse_args, to_dict
+from gptjax.train.trainer import train
+
+
+def quiet(_):
+    pass
+
+
+def short_docs(path, n_docs=60):
+    """Documents of 10 to 30 bytes, so that most 32-byte windows hold end-of-text tokens."""
+    path.mkdir(parents=True)
+    for i in range(n_docs):
+        (path / f"d{i:03d}.txt").write_text(f"x{i} = {i % 7} + y\n" * (1 + i % 3))
+    return path
+
+
+def test_options_and_their_refusals():
+    cfg = parse_args(["--config=", "--data.doc_mask=true", "--data.doc_positions=restart"])
+    assert (cfg.data.doc_mask, cfg.data.doc_positions) == (True, "restart")
+    assert from_dict(Config, to_dict(cfg)) == cfg  # config.toml round trip
+    assert (Config().data.doc_mask, Config().data.doc_positions) == (False, "continue")
+    with pytest.raises(UserError, match=re.escape(
+            "--data.doc_positions must be one of 'continue', 'restart'; got 'foo'.")):
+        parse_args(["--config=", "--data.doc_mask=true", "--data.doc_positions=foo"])
+    # restarting positions where attention runs on across documents is refused, not quietly half-done
+    with pytest.raises(UserError, match="doc_positions=restart.*--data.doc_mask=true"):
+        parse_args(["--config=", "--data.doc_positions=restart"])
+    with pytest.raises(UserError, match="doc_positions=restart"):
+        DataConfig(doc_positions="restart")
+
+
+def test_a_doc_mask_run_trains_resumes_and_loads(tmp_path):
+    corpus = short_docs(tmp_path / "corpus")
+
+    def config(out, **train_kw):
+        cfg = tiny_config(tmp_path / out, corpus, max_steps=8, eval_interval=4, ckpt_interval=4, **train_kw)
+        # scanned layers, rematerialised blocks and a chunked loss take the mask through every path
+        return dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, doc_mask=True, doc_positions="restart"),
+            model=dataclasses.replace(cfg.model, scan_layers=True), train=dataclasses.replace(
+                cfg.train, remat="block", loss_chunk=64))
+
+    full = train(config("full"), log=quiet)
+    assert full["val_loss"][8] < full["val_loss"][0] - 0.5
+    part = train(config("part"), log=quiet, stop_after=4)
+    rest = train(config("part", resume=True), log=quiet)
+    for s in range(1, 9):
+        assert (part["loss"] | rest["loss"])[s] == full["loss"][s], s  # bit for bit on the CPU
+    assert rest["val_loss"][8] == full["val_loss"][8]
+
+    model = load(tmp_path / "full")
+    assert model.config.data.doc_mask and model.model.docs == Documents(eot_id=256, restart=True)
+    # the loaded model scores the validation batches as the run's evaluation did (float32 sums over 4
+    # devices there, over one here), and not as a model without the mask would
+    cfg = config("full")
+    ds = data_lib.load(cfg.data, tmp_path / "full" / "data", log=quiet)
+    batches = [data_lib.val_batch(ds, 32, cfg.train.seed, i, 8) for i in range(cfg.train.eval_batches)]
+    assert sum(int((x == 256).sum()) for x, _ in batches) > 10  # the windows do hold documents' ends
+    val = np.mean([-float(model.model.token_logprobs(x, y)[0].mean()) for x, y in batches])
+    assert val == pytest.approx(full["val_loss"][8], rel=1e-5)
+    unmasked = nnx.merge(abstract(model.config.model)[0], model.params)
+    causal = np.mean([-float(unmasked.token_logprobs(x, y)[0].mean()) for x, y in batches])
+    assert abs(causal - val) > 1e-3
