@@ -75,6 +75,10 @@ def main(argv: list[str]) -> None:
     config, params = load_params(src, step)
     out = save_hf(config, params, dst)
     print(f"wrote {out}: config.json and model.safetensors for transformers' GPT2LMHeadModel.from_pretrained")
+    if config.data.doc_mask:
+        print("note: this run was trained with --data.doc_mask; transformers' GPT-2 attends across end-of-text, "
+              "so it computes what the run's model does on windows of one document (starting at position 0 "
+              "with --data.doc_positions=restart)")
 
 
 if __name__ == "__main__":
