@@ -31,7 +31,8 @@ from gptjax.runtime.timing import compile_seconds
 from gptjax.config import Config
 from gptjax.options import parse_args
 from gptjax.train.flops import flops_per_token, peak_flops
-from gptjax.model.gpt import attention_implementation, compute_dtype, count_params
+from gptjax.model.attention import attention_implementation
+from gptjax.model.gpt import compute_dtype, count_params
 from gptjax.train.optim import make_optimizer
 from gptjax.train.parallel import STRATEGIES, select_devices
 from gptjax.model import products

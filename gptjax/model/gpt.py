@@ -14,13 +14,15 @@ tie_embeddings is off (then `lm_head`, also (V, D)).
 The defaults are GPT-2 exactly. The options (ModelConfig): rotary or no position encoding,
 RMSNorm, QK-norm (`attn.q_norm`, `attn.k_norm`), squared-ReLU or SwiGLU feed-forward layers
 (SwiGLU's `c_fc` holds gate and value side by side), grouped-query attention (`c_attn` then
-makes N query heads and K key and value heads), an untied output layer, no biases.
+makes N query heads and K key and value heads), an untied output layer, no biases. A model built
+with a document rule (`docs`, gptjax.model.documents: --data.doc_mask) stops attention at end-of-text.
 
 The KV cache is an explicit pytree, passed in and returned:
   {"index": int32 scalar (positions filled), "valid": bool (B, S) (keys that are real tokens,
    not left padding), "layers": [{"k": (X, S, H), "v": (X, S, H)}, ...]}
 in the compute dtype, with X = B·K: row b·K + k holds key/value head k of sequence b. Keys are
-cached after their rotary encoding. With scan_layers, `h` is one Block whose parameters are stacked
+cached after their rotary encoding; a model with `docs` also keeps each key's document there
+({"docs": ...}, gptjax.model.documents). With scan_layers, `h` is one Block whose parameters are stacked
 on a leading layer axis (gptjax.model.stacked), run with nnx.scan, and the cache's "layers" is one
 {"k": (L, X, S, H), "v": …}.
 """
@@ -30,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,7 @@ from flax import nnx
 
 from gptjax.config import ModelConfig
 from gptjax.model import documents, products
+from gptjax.model.attention import cached_attention, causal_attention
 from gptjax.model.documents import Documents
 from gptjax.model.loss import chunked_cross_entropy, cross_entropy, token_logprobs
 
@@ -100,42 +102,6 @@ def sincos_encoding(positions_BT: jax.Array, d: int) -> jax.Array:
     return pe if d % 2 == 0 else jnp.pad(pe, ((0, 0), (0, 0), (0, 1)))
 
 
-def attention_implementation(q_BTNH) -> str | None:
-    """cuDNN's fused (flash) attention where it applies: an NVIDIA GPU, 16-bit compute, heads of at
-    most 128 features in multiples of 8. Elsewhere None, XLA's own. GPTJAX_ATTENTION=xla forces XLA."""
-    H = q_BTNH.shape[-1]
-    if (os.environ.get("GPTJAX_ATTENTION", "auto") == "xla" or jax.default_backend() != "gpu"
-            or q_BTNH.dtype not in (jnp.bfloat16, jnp.float16) or H > 128 or H % 8):
-        return None
-    return "cudnn"
-
-
-def causal_attention(q_BTNH, k_BSKH, v_BSKH, same_BTS=None):
-    """Causal self-attention over full sequences, through jax.nn.dot_product_attention (K may be fewer
-    heads than N: grouped-query attention). `same_BTS`, where given, also keeps each query inside its
-    own document (gptjax.model.documents), as the mask both implementations take."""
-    mask = None if same_BTS is None else same_BTS[:, None]  # (B, 1, T, S), the same for every head
-    implementation = attention_implementation(q_BTNH)
-    if implementation == "cudnn":
-        try:
-            return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, is_causal=True,
-                                                implementation="cudnn")
-        except (RuntimeError, ValueError, NotImplementedError):  # a cuDNN too old for the fused kernel
-            pass
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, is_causal=True)
-
-
-def _cached_attention(q_XTH, k_XSH, v_XSH, mask_XTS):
-    """jax.nn.dot_product_attention's arithmetic (float32 scores and softmax) on the cache's layout."""
-    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q_XTH.dtype == jnp.bfloat16 else None
-    scores_XTS = jnp.einsum("XTH,XSH->XTS", q_XTH, k_XSH, precision=precision,
-                            preferred_element_type=jnp.promote_types(q_XTH.dtype, jnp.float32))
-    scores_XTS = scores_XTS * jnp.asarray(1.0 / math.sqrt(q_XTH.shape[-1]), scores_XTS.dtype)
-    scores_XTS = jnp.where(mask_XTS, scores_XTS, -0.7 * jnp.finfo(scores_XTS.dtype).max)
-    probs_XTS = jax.nn.softmax(scores_XTS.astype(jnp.float32), axis=-1).astype(k_XSH.dtype)
-    return jnp.einsum("XTS,XSH->XTH", probs_XTS, v_XSH)
-
-
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, N, K = cfg.n_embd, cfg.n_head, cfg.kv_heads
@@ -179,7 +145,7 @@ class CausalSelfAttention(nnx.Module):
             if same_BTS is not None:  # and in t's own document
                 mask_BQS = mask_BQS & jnp.tile(same_BTS, (1, G, 1))
             mask_XQS = jnp.repeat(mask_BQS, K, axis=0)
-            y_XQH = _cached_attention(q_XQH, k_XSH.astype(q_XQH.dtype), v_XSH.astype(q_XQH.dtype), mask_XQS)
+            y_XQH = cached_attention(q_XQH, k_XSH.astype(q_XQH.dtype), v_XSH.astype(q_XQH.dtype), mask_XQS)
             y_BTNH = y_XQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
         y_BTD = self.c_proj(y_BTNH.reshape(B, T, D))
         return self.resid_dropout(y_BTD, deterministic=deterministic, rngs=rngs), cache
@@ -400,7 +366,8 @@ def abstract(cfg: ModelConfig, per_layer: bool = False, docs: Documents | None =
     """The model built from shapes alone, nothing allocated: its graph and its parameters as plain nested
     dicts of ShapeDtypeStructs (the names checkpoints use). per_layer: blocks as GPT-2 names them
     (h/0, h/1, ...) whatever cfg.scan_layers says. The one shapes-only build of the model, cached per
-    shape, so a notebook that reloads a run every few seconds pays for it once."""
+    shape, so a notebook that reloads a run every few seconds pays for it once. `docs`: the document
+    rule the graph carries (gptjax.model.documents.of_run); it holds no parameters."""
     if per_layer:
         cfg = dataclasses.replace(cfg, scan_layers=False)
     graphdef, params = nnx.split(nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0), docs)), nnx.Param)

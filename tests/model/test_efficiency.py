@@ -14,7 +14,8 @@ from flax import nnx
 
 from gptjax.config import ModelConfig
 from gptjax.model.loss import chunked_cross_entropy, cross_entropy
-from gptjax.model.gpt import GPT, attention_implementation
+from gptjax.model.attention import attention_implementation
+from gptjax.model.gpt import GPT
 from gptjax.train.step import make_train_step
 
 
