@@ -1,4 +1,5 @@
-"""train.py and sample.py as a person runs them: real subprocesses, real exit codes and messages."""
+"""train.py and sample.py as a person runs them: real subprocesses, real exit codes and messages (sample.py's
+file and option handling also in this process, where a process of its own adds nothing)."""
 
 import json
 import os
@@ -54,10 +55,24 @@ def assert_user_error(proc, *fragments):
         assert f in proc.stderr, proc.stderr
 
 
-def test_train_then_sample(corpus, tmp_path):
+def sample_here(capsys, *args) -> tuple[str, str]:
+    """sample.py's main in this process, for the checks where a process of its own adds nothing (its
+    exit codes and messages, a terminal, standard input: real processes, above and below); its output."""
+    from gptjax.inference.sample import main
+
+    capsys.readouterr()
+    main([*map(str, args)])
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def test_train_then_sample(corpus, tmp_path, capsys):
     out = tmp_path / "run"
+    # float32 named: the samples below, from processes and from this one, are compared with each other, and
+    # a hardware choice injected into this process only (tests/runtime/test_precision.py) must not split them
     proc = run("train.py", *TINY, f"--data.corpus={corpus}", f"--out_dir={out}", "--train.max_steps=20",
-               "--train.eval_interval=10", "--train.ckpt_interval=10", "--train.sample_tokens=20")
+               "--train.eval_interval=10", "--train.ckpt_interval=10", "--train.sample_tokens=20",
+               "--model.dtype=float32")
     assert proc.returncode == 0, proc.stderr
     for fragment in ["val loss", "tok/s", "left", "sample:", "done: 20 steps"]:
         assert fragment in proc.stdout
@@ -73,13 +88,15 @@ def test_train_then_sample(corpus, tmp_path):
                                      "--temperature=0")
     assert code == 0 and streamed.strip("\n") == samples[0].strip("\n")
 
+    proc = run("sample.py", f"--checkpoint={out}", "--max_new_tokens=8", stdin="    return ")
+    assert proc.returncode == 0 and proc.stdout.startswith("    return ")
+
     # many prompts from a file, the samples as JSONL
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "def ", "id": 7}\n\n{"prompt": "    return "}\n')
     results = tmp_path / "samples.jsonl"
-    proc = run("sample.py", f"--checkpoint={out}", f"--prompts_file={prompts}", f"--output={results}",
-               "--max_new_tokens=16", "--temperature=0")
-    assert proc.returncode == 0, proc.stderr
+    sample_here(capsys, f"--checkpoint={out}", f"--prompts_file={prompts}", f"--output={results}",
+                "--max_new_tokens=16", "--temperature=0")
     lines = [json.loads(line) for line in results.read_text().splitlines()]
     assert [line["prompt"] for line in lines] == ["def ", "    return "]
     assert (lines[0]["prompt"] + lines[0]["completion"]).strip("\n") == samples[0].strip("\n")
@@ -88,9 +105,8 @@ def test_train_then_sample(corpus, tmp_path):
     # stop strings: each prompt's completion ends before its first one (two characters of the first's, a newline)
     stops = [lines[0]["completion"][4:6], "\n"]
     stopped = tmp_path / "stopped.jsonl"
-    proc = run("sample.py", f"--checkpoint={out}", f"--prompts_file={prompts}", f"--output={stopped}",
-               "--max_new_tokens=16", "--temperature=0", f"--stop={json.dumps(stops)}")
-    assert proc.returncode == 0, proc.stderr
+    sample_here(capsys, f"--checkpoint={out}", f"--prompts_file={prompts}", f"--output={stopped}",
+                "--max_new_tokens=16", "--temperature=0", f"--stop={json.dumps(stops)}")
     cut = [json.loads(line) for line in stopped.read_text().splitlines()]
     assert [c["stop"] for c in cut] == [stops] * 2
     expected = [min((t[:t.find(s)] for s in stops if s in t), key=len, default=t) for t in
@@ -98,23 +114,19 @@ def test_train_then_sample(corpus, tmp_path):
     assert [c["completion"] for c in cut] == expected and len(expected[0]) <= 4
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def \nclass \n")
-    proc = run("sample.py", f"--checkpoint={out}", f"--prompts_file={prompts}", "--num_samples=2",
-               "--max_new_tokens=8", "--temperature=1.0")
-    assert proc.returncode == 0 and proc.stdout.count("-" * 40) == 3
-
-    proc = run("sample.py", f"--checkpoint={out}", "--max_new_tokens=8", stdin="    return ")
-    assert proc.returncode == 0 and proc.stdout.startswith("    return ")
+    printed, _ = sample_here(capsys, f"--checkpoint={out}", f"--prompts_file={prompts}", "--num_samples=2",
+                             "--max_new_tokens=8", "--temperature=1.0")
+    assert printed.count("-" * 40) == 3
 
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("x" * 100)
-    proc = run("sample.py", f"--checkpoint={out}", f"--prompt_file={prompt}", "--max_new_tokens=4")
-    assert proc.returncode == 0
-    assert "the prompt has 100 tokens, more than the context of 32; only its last 32 tokens are used" in proc.stderr
+    _, warned = sample_here(capsys, f"--checkpoint={out}", f"--prompt_file={prompt}", "--max_new_tokens=4")
+    assert "the prompt has 100 tokens, more than the context of 32; only its last 32 tokens are used" in warned
 
     # continuing a finished run into more steps
     proc = run("train.py", *TINY, f"--data.corpus={corpus}", f"--out_dir={out}", "--train.max_steps=25",
                "--train.eval_interval=10", "--train.ckpt_interval=10", "--train.resume=true",
-               "--train.sample_tokens=0")
+               "--train.sample_tokens=0", "--model.dtype=float32")
     assert proc.returncode == 0, proc.stderr
     assert "continuing from step 20" in proc.stdout and "done: 25 steps" in proc.stdout
 
