@@ -79,3 +79,21 @@ def test_a_doc_mask_run_trains_resumes_and_loads(tmp_path):
     unmasked = nnx.merge(abstract(model.config.model)[0], model.params)
     causal = np.mean([-float(unmasked.token_logprobs(x, y)[0].mean()) for x, y in batches])
     assert abs(causal - val) > 1e-3
+    # sampling decodes with the documents' cache (tests/model/test_documents.py checks its logits)
+    assert isinstance(model.generate("x1 = ", max_new_tokens=4, temperature=0), str)
+
+
+def test_fsdp_with_heads_split_trains_as_pmap(tmp_path):
+    """The mask is built from each row's own tokens: sharding the batch and splitting the heads over a
+    (data 2, model 2) mesh changes only the order of float32 sums: rtol 1e-6, about 8 ulps, for the reasons
+    tests/train/test_layouts.py gives (a wrong row moves these losses by 4e-4 or more)."""
+    corpus = short_docs(tmp_path / "corpus")
+    runs = {}
+    for name, kw in {"pmap": {}, "fsdp": dict(parallel="fsdp", mesh="data:2,model:2")}.items():
+        cfg = tiny_config(tmp_path / name, corpus, max_steps=4, eval_interval=4, **kw)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, doc_mask=True))
+        runs[name] = train(cfg, log=quiet)
+    steps = sorted(runs["pmap"]["loss"])
+    np.testing.assert_allclose([runs["fsdp"]["loss"][s] for s in steps], [runs["pmap"]["loss"][s] for s in steps],
+                               rtol=1e-6)
+    assert runs["fsdp"]["val_loss"][4] == pytest.approx(runs["pmap"]["val_loss"][4], rel=1e-6)
