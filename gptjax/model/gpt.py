@@ -330,6 +330,8 @@ class GPT(nnx.Module):
         logits of the last position alone (B, 1, V), all a prefill needs: the output layer is
         the largest matrix, and a prompt's other positions would multiply by it for nothing.
         `head_DV`, output_matrix() made once, replaces the output layer in the last product.
+        With `docs` the cache keeps each key's document, so a prompt that holds end-of-text decodes as
+        the full forward computes it (positions_BT, as given, then restart with each document).
         """
         B, T = idx_BT.shape
         index = cache["index"]
