@@ -108,6 +108,12 @@ class DataConfig:
     doc_positions: Literal["continue", "restart"] = opt(
         "continue", "with --data.doc_mask: positions go on across documents (continue) or restart at 0 at each "
                     "document's start (restart)")
+    mix: str = opt("", "a mixture of sources, NAME=SOURCE:WEIGHT,... (a shard folder, or a corpus file, folder or "
+                       "glob); weights are relative, each batch draws from the sources by tokens in proportion")
+    mix_schedule: str = opt("", "with --data.mix: weights that change at given steps, STEP:NAME=WEIGHT,...;... "
+                                "starting at step 0")
+    on_exhausted: Literal["repeat", "stop"] = opt(
+        "repeat", "with --data.mix: a source read past its end is repeated (its epochs counted), or stops the run")
 
     def __post_init__(self):
         # a folder that a preparation writes as it is given (gptjax.data prepare): ~ is expanded here, once
@@ -119,6 +125,18 @@ class DataConfig:
         _check(self.doc_mask or self.doc_positions == "continue",
                "--data.doc_positions=restart restarts positions at each document, which only --data.doc_mask=true "
                "makes a boundary of; add --data.doc_mask=true, or leave doc_positions at continue.")
+        _check_mix(self)
+
+
+def _check_mix(cfg: "DataConfig") -> None:
+    """--data.mix stands alone; its entries and schedule are parsed by gptjax.data.mix.check before any preparation."""
+    if not cfg.mix:
+        _check(not cfg.mix_schedule, "--data.mix_schedule changes the weights of --data.mix, which is not given; "
+                                     "add --data.mix='NAME=SOURCE:WEIGHT,...', or leave the schedule out.")
+        return
+    _check(not cfg.corpus and not cfg.dir,
+           f"--data.mix names its own sources; it cannot be used with --data.corpus or --data.dir (given: corpus="
+           f"{cfg.corpus!r}, dir={cfg.dir!r}). Put those sources in the mix, e.g. --data.mix='web=shards/web:1'.")
 
 
 @dataclass(frozen=True)

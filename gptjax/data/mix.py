@@ -169,3 +169,12 @@ def mixed_train_batch(datasets, weights: np.ndarray, block_size: int, seed: int,
     for idx in np.ndindex(offsets.shape):
         window[idx] = datasets[which[idx]].train.window(int(offsets[idx]), block_size + 1)
     return window[..., :-1], window[..., 1:], which
+
+
+def check(data_cfg) -> tuple[tuple[Source, ...], tuple]:
+    """A run's --data.mix and --data.mix_schedule parsed (a UserError if either is wrong): (sources, schedule)."""
+    if not data_cfg.mix:
+        return (), ()
+    sources = parse_mix(data_cfg.mix)
+    schedule = parse_schedule(data_cfg.mix_schedule, [s.name for s in sources]) if data_cfg.mix_schedule else ()
+    return sources, schedule

@@ -23,7 +23,7 @@ from gptjax import data as data_lib
 from gptjax.weights import sources
 from gptjax.weights.checkpoint import CHECKPOINTS, Checkpointer, checkpoint_bytes, remove_partial
 from gptjax.config import Config
-from gptjax.data import Dataset
+from gptjax.data import Dataset, mix
 from gptjax.errors import UserError
 from gptjax.eval.tasks import read_tasks
 from gptjax.model import documents
@@ -83,6 +83,10 @@ def set_up(cfg: Config, log) -> tuple[Plan, Checkpointer, dict]:
     """Decide the run in `cfg.out_dir`, whose lock the caller holds. Returns the plan, the run's checkpointer
     (its folder created only once the inputs and the data are checked) and the training state to start from."""
     run_dir = Path(cfg.out_dir)
+    if mix.check(cfg.data)[0]:  # the mixture's mistakes are told before anything else; the draw is gptjax.data.mix's
+        raise UserError("--data.mix parses, but training on a mixture is not wired into the run yet (the draw, its "
+                        "schedule and exhaustion live in gptjax.data.mix). Train on one --data.corpus or --data.dir "
+                        "for now.")
     cfg, given_vocab, source = _settle_config(cfg)
     # task files are read before any data is prepared, so that their mistakes cost nothing; a tokenizer
     # learned from the corpus is known only once the data is, and its tasks are read then

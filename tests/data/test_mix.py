@@ -120,3 +120,19 @@ def test_epochs_are_tokens_drawn_over_train_tokens_and_stop_says_which_source_ra
     with pytest.raises(UserError, match="'books'.*ran out.*on_exhausted=stop"):
         mix.check_exhausted(sources, e, "stop")
     mix.check_exhausted(sources, np.array([0.5, 0.5, 1.0]), "stop")  # exactly one epoch is not past the end
+
+
+def test_the_mix_stands_alone_in_the_data_options():
+    from gptjax.config import DataConfig
+
+    with pytest.raises(UserError, match="cannot be used with --data.corpus or --data.dir"):
+        DataConfig(mix="web=a:1", corpus="books.txt")
+    with pytest.raises(UserError, match="cannot be used with --data.corpus or --data.dir"):
+        DataConfig(mix="web=a:1", dir="shards/x")
+    with pytest.raises(UserError, match="--data.mix, which is not given"):
+        DataConfig(mix_schedule="0:web=1")
+    cfg = DataConfig(mix="web=a:1,code=b:1", mix_schedule="0:web=1;10:code=1")
+    assert mix.check(cfg) == (mix.parse_mix(cfg.mix), ((0, (1.0, 0.0)), (10, (0.0, 1.0))))
+    with pytest.raises(UserError, match="'news' is not a source"):
+        mix.check(DataConfig(mix="web=a:1", mix_schedule="0:news=1"))
+    assert mix.check(DataConfig()) == ((), ())
