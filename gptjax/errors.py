@@ -59,5 +59,31 @@ def cli(main):
 
 def _report(held: list, report) -> None:
     sys.unraisablehook = report
+    if _noise:
+        _filter()
     for unraisable in held:
-        report(unraisable)
+        sys.unraisablehook(unraisable)
+
+
+_noise: list = []  # predicates of "Exception ignored" reports known to be harmless: dropped from then on
+
+
+def drop_unraisable(predicate) -> None:
+    """Drop from now on, in this process, the unraisable errors for which `predicate(report)` is true: those
+    a caller knows to be harmless leftovers (of an abandoned read, say), which would print a traceback."""
+    if predicate not in _noise:
+        _noise.append(predicate)
+    _filter()
+
+
+def _filter() -> None:
+    inner = sys.unraisablehook
+    if getattr(inner, "drops_noise", False):
+        return
+
+    def hook(report):
+        if not any(p(report) for p in _noise):
+            inner(report)
+
+    hook.drops_noise = True
+    sys.unraisablehook = hook

@@ -33,7 +33,7 @@ from gptjax import paths
 from gptjax.runtime import disk
 
 from gptjax.weights import faults
-from gptjax.errors import UserError
+from gptjax.errors import UserError, drop_unraisable
 
 CHECKPOINTS = "checkpoints"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a checkpoint being written
@@ -149,6 +149,19 @@ def _step_error(ckpt_dir: Path, step: int, error: Exception, items: dict) -> Exc
     }[kind])
 
 
+def _late_callback(report) -> bool:
+    """Whether an unraisable error is a read's completion posted to orbax's event loop after that loop closed:
+    a failed restore returns at its first error and closes its loop while tensorstore's other reads are still
+    in flight, and each of them, finishing later, raises this in tensorstore's thread."""
+    frames = []
+    tb = report.exc_traceback
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    return (report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed" and bool(frames)
+            and frames[-1].co_name == "_check_closed" and frames[0].co_name == "call_soon_threadsafe")
+
+
 def _restore(ckpt_dir: Path, step: int, **items):
     """Read the given items of one step, without scanning (or waiting on) the other steps."""
     ckpt_dir = paths.expand(ckpt_dir)  # relative stays relative, for the messages; orbax gets it absolute
@@ -156,6 +169,7 @@ def _restore(ckpt_dir: Path, step: int, **items):
         reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
         return reader.restore(paths.absolute(ckpt_dir) / str(step), args=ocp.args.Composite(**items))
     except Exception as e:  # orbax and tensorstore raise many kinds: _step_error tells them apart by the files
+        drop_unraisable(_late_callback)  # from this failed read on, each would print a traceback
         reported = _step_error(ckpt_dir, step, e, items)
         if reported is e:
             raise

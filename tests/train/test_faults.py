@@ -276,6 +276,38 @@ def test_a_run_is_read_a_hundred_times_while_it_checkpoints_every_step(tmp_path)
     assert steps[-1] - steps[0] >= 15, steps  # and the run moved on under the reader
 
 
+def test_a_failed_read_leaves_no_traceback_behind(monkeypatch):
+    """A read that fails (a checkpoint deleted under it, or damaged) closes orbax's event loop while some of
+    tensorstore's reads are still in flight; each, finishing later, posts to the closed loop, and the
+    RuntimeError it raises reaches sys.unraisablehook from tensorstore's thread. From a failed read on, those
+    reports, and only those, are dropped: the reader's output holds its message alone."""
+    import asyncio
+    import types
+
+    from gptjax import errors
+    from gptjax.weights import checkpoint
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    monkeypatch.setattr(errors, "_noise", [])
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as e:  # as tensorstore's thread calls it: the traceback starts in asyncio
+        late = types.SimpleNamespace(exc_type=RuntimeError, exc_value=e, exc_traceback=e.__traceback__.tb_next,
+                                     err_msg=None, object=None)
+    other = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("Event loop is closed"),
+                                  exc_traceback=None, err_msg=None, object=None)
+    sys.unraisablehook(late)
+    assert seen == [late]  # nothing is dropped before a read failed
+    with pytest.raises(UserError, match="cannot be read|vanished|does not exist|no checkpoint"):
+        checkpoint.read_meta(Path("/nonexistent-gptjax") / CHECKPOINTS, 3)
+    sys.unraisablehook(late)
+    sys.unraisablehook(other)  # the same words raised anywhere else still reach the hook
+    assert seen == [late, other]
+
+
 def test_the_next_newest_is_read_when_the_chosen_one_is_deleted_under_the_reader(tmp_path, monkeypatch):
     """The race of the test above, made certain: retention deletes the checkpoint that load() chose
     after it chose it and before it read the parameters."""
