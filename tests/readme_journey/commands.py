@@ -51,6 +51,12 @@ RUN = {
 
 BENCHMARK = "a benchmark: it measures for minutes by design (tests/bench/test_bench.py checks its arms' options only)"
 EXCLUDED = {
+    "gptjax serve out/run --port=8000 --slots=16":
+        "a server: it runs until stopped (tests/inference/test_serve.py serves a model and asks it through openai "
+        "and raw HTTP)",
+    "curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": \"def \", "
+    "\"max_tokens\": 32, \"temperature\": 0}'":
+        "asks the server above, which CI does not start (tests/inference/test_serve.py sends such requests)",
     "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && python train.py":
         "set-up: creates a virtual environment and installs gptjax, as .ci/run does on a fresh clone before the "
         "suite; its last command, python train.py, is the quick tour's first, run here",
