@@ -19,7 +19,7 @@ from gptjax.errors import UserError, cli
 COMMANDS = {
     "train": ("gptjax.train.__main__", "pretrain or fine-tune a model (what python train.py runs)"),
     "sample": ("gptjax.inference.sample", "continue prompts from a run directory or hf:DIR (what python sample.py runs)"),
-    "serve": ("gptjax.inference.serve.__main__", "an OpenAI-compatible completions server for a run directory or hf:DIR"),
+    "serve": ("gptjax.inference.serve.__main__", "an OpenAI-compatible completions server of a run directory or hf:DIR"),
     "data": ("gptjax.data.__main__", "prepare token shards once, for many runs: gptjax data prepare [options]"),
     "convert": ("gptjax.weights.convert", "GPT-2 weights between a Hugging Face folder and a run directory"),
     "bench": ("gptjax.bench.__main__", "time the training step, sampling or data preparation"),

@@ -17,7 +17,11 @@ import uvicorn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from builders import byte_model  # noqa: E402
 
+from starlette.testclient import TestClient  # noqa: E402
+
+from gptjax.inference.serve import batcher as batching  # noqa: E402
 from gptjax.inference.serve.__main__ import build  # noqa: E402
+from gptjax.inference.serve.app import make_app  # noqa: E402
 from gptjax.runtime.timing import BACKEND_COMPILE, compile_durations  # noqa: E402
 
 SLOTS = 8
@@ -40,7 +44,7 @@ def served():
     thread.start()
     while not server.started:
         time.sleep(0.02)
-    yield model, f"http://127.0.0.1:{port}", server
+    yield model, f"http://127.0.0.1:{port}", batcher
     server.should_exit = True
     thread.join(timeout=30)
     batcher.close()
@@ -163,12 +167,29 @@ def test_malformed_big_chat_and_unknown_paths(served):
     assert httpx.get(url + "/health").json()["status"] == "ok"
 
 
-def test_disconnect_frees_the_slot(served):
-    url = served[1]
-    with httpx.stream("POST", url + "/v1/completions", json={"prompt": "a", "max_tokens": 30, "temperature": 1,
-                                                             "stream": True, "stop": "never here"}) as r:
+def test_disconnect_frees_the_slot(served, monkeypatch):
+    url, batcher = served[1], served[2]
+    step, submitted = batching._step, []
+    monkeypatch.setattr(batching, "_step", lambda *a, **kw: (time.sleep(0.02), step(*a, **kw))[1])  # 30 tokens: 0.6 s
+    submit = batcher.submit
+    monkeypatch.setattr(batcher, "submit", lambda r: (submitted.append(r), submit(r)))
+    body = {"prompt": "a", "max_tokens": 30, "temperature": 1, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body) as r:
         next(r.iter_lines())
     deadline = time.time() + 10
     while httpx.get(url + "/health").json()["busy_slots"] and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert httpx.get(url + "/health").json()["busy_slots"] == 0
+    assert submitted[0].cancelled and submitted[0].produced < 30
+
+
+def test_api_key_is_checked_before_anything_else(served):
+    model, _, batcher = served
+    with TestClient(make_app(model, batcher, "tiny", "sekret")) as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = http.post("/v1/completions", content=b"{not json", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert http.get("/v1/models").status_code == 401 and http.get("/health").status_code == 200
+        key = {"Authorization": "Bearer sekret"}
+        r = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}, headers=key)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 1
