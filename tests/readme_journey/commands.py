@@ -62,6 +62,7 @@ EXCLUDED = {
         "suite; its last command, python train.py, is the quick tour's first, run here",
     'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test]" && python -m pytest':
         "set-up and the test command itself: .ci/run creates the environment, installs gptjax and runs this suite",
+    "python -m gptjax.bench serve --clients 1 4 16 64 --slots 16": BENCHMARK,
     "python -m gptjax.bench quality --budget 150 --arms gpt2,rope,rmsnorm,qk_norm,relu2,swiglu": BENCHMARK,
     'python -m gptjax.bench quality --budget 150 --arms "gpt2,untied,no_bias,gqa,muon,bpe8k,cpu:" --half': BENCHMARK,
     "lm_eval --model gptjax --model_args path=out/run --tasks hellaswag,lambada_openai --batch_size 16":

@@ -7,6 +7,9 @@ compile a few prefills, not one each), written into a free slot and joins at the
 ends (end-of-text, a stop string, max_tokens, a cancelled request) frees its slot at once. The step,
 the prefills and the slot write have fixed shapes: nothing compiles as requests come and go. Each row
 samples with its own temperature, top-k, top-p and seed: token t is drawn with fold_in(key(seed), t).
+The step decodes every slot, busy or not, so its cost is that of --slots rows whatever the load: a
+server of many slots answers one client at a time more slowly than `gptjax sample` does
+(`python -m gptjax.bench serve` measures both).
 """
 
 from __future__ import annotations
