@@ -107,6 +107,9 @@ def test_async_concurrent_and_sampled(served, greedy):
     one, two = (client(url).completions.create(extra_body={"top_k": 50}, **{k: v for k, v in kw.items()
                                                                             if k != "top_k"}) for _ in range(2))
     assert [c.text for c in one.choices] == [c.text for c in two.choices]  # the same seed, the same samples
+    many = client(url).completions.create(model="tiny", prompt=["a"] * (SLOTS + 2), max_tokens=2, temperature=0,
+                                          extra_body={"top_k": 10 ** 12})  # more rows than slots wait for one
+    assert len({c.text for c in many.choices}) == 1 and len(many.choices) == SLOTS + 2
 
 
 def test_nothing_compiles_as_requests_come_and_go(served):
@@ -146,6 +149,8 @@ def post(url, body, **kw):
     ({"prompt": "a" * 40, "max_tokens": 1}, "prompt"),
     ({"prompt": "a", "max_tokens": 32}, "max_tokens"),
     ({"prompt": "a", "n": SLOTS + 1}, "n"),
+    ({"prompt": "a", "seed": -1}, "seed"),
+    ({"prompt": "a", "stream": "yes"}, "stream"),
     ({"prompt": "a", "stop": [""]}, "stop"),
 ])
 def test_bad_requests_answer_400(served, body, param):

@@ -90,9 +90,8 @@ def parse_completion(body, tokenizer, context: int, slots: int) -> Completion:
     except UserError as e:
         param = next((f for f in ("max_tokens", "temperature", "top_k", "top_p") if str(e).startswith(f)), "stop")
         raise ApiError(str(e), param) from None
-    if not 1 <= v["n"] <= slots or len(prompts) * v["n"] > slots:
-        raise ApiError(f"n times the number of prompts must be from 1 to {slots} (the server's slots); "
-                       f"got n={v['n']} for {len(prompts)} prompt(s).", "n")
+    if not 1 <= v["n"] <= slots:
+        raise ApiError(f"n must be from 1 to {slots} (the server's slots), got {v['n']}.", "n")
     if v["logprobs"] is not None and not 0 <= v["logprobs"] <= 5:
         raise ApiError(f"logprobs must be from 0 to 5, got {v['logprobs']}.", "logprobs")
     if not 0 <= v["seed"] < 2 ** 32:
@@ -106,7 +105,8 @@ def parse_completion(body, tokenizer, context: int, slots: int) -> Completion:
             raise ApiError(f"the prompt has {len(p)} tokens and max_tokens is {v['max_tokens']}: together more than "
                            f"the model's context of {context} tokens.", "prompt" if len(p) >= context else "max_tokens",
                            code="context_length_exceeded")
-    return Completion(prompts, ids, v["max_tokens"], float(v["temperature"]), float(v["top_p"]), v["top_k"], v["seed"],
+    top_k = min(v["top_k"], 2 ** 31 - 1)  # past the vocabulary is no filter; the controls are int32
+    return Completion(prompts, ids, v["max_tokens"], float(v["temperature"]), float(v["top_p"]), top_k, v["seed"],
                       stops, v["n"], v["stream"], bool(options.get("include_usage")), v["logprobs"], v["echo"])
 
 
