@@ -170,6 +170,9 @@ def test_malformed_big_chat_and_unknown_paths(served):
     assert httpx.get(url + "/v1/nothing").status_code == 404 and "error" in httpx.get(url + "/v1/nothing").json()
     assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "tiny"
     assert httpx.get(url + "/health").json()["status"] == "ok"
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "v1/completions" in page.text and "src=" not in page.text and "href=" not in page.text
 
 
 def test_disconnect_frees_the_slot(served, monkeypatch):
@@ -194,7 +197,8 @@ def test_api_key_is_checked_before_anything_else(served):
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             r = http.post("/v1/completions", content=b"{not json", headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        assert http.get("/v1/models").status_code == 401 and http.get("/health").status_code == 200
+        assert http.get("/v1/models").status_code == 401
+        assert http.get("/health").status_code == 200 == http.get("/").status_code
         key = {"Authorization": "Bearer sekret"}
         r = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}, headers=key)
         assert r.status_code == 200 and len(r.json()["choices"]) == 1

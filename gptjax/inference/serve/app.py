@@ -1,4 +1,4 @@
-"""The ASGI app: /v1/completions (plain and server-sent events), /v1/models, /health.
+"""The ASGI app: /v1/completions (plain and server-sent events), /v1/models, /health, and a page at /.
 
 Starlette, served by uvicorn: small, well kept, ASGI, with server-sent events as a StreamingResponse
 and a graceful shutdown on SIGTERM (stop accepting, finish the requests in flight, exit). Handlers
@@ -16,11 +16,12 @@ import json
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from gptjax.inference.serve import api
 from gptjax.inference.serve.batcher import Batcher, Request
+from gptjax.inference.serve.playground import PAGE
 
 MAX_BODY = 1 << 20  # bytes of a request body; past it, 413
 
@@ -156,19 +157,23 @@ class Server:
     async def health(self, request: HttpRequest):
         return JSONResponse({"status": "ok", "busy_slots": self.batcher.busy(), "slots": self.batcher.n})
 
+    async def playground(self, request: HttpRequest):
+        return HTMLResponse(PAGE)
+
     async def chat(self, request: HttpRequest):
         return error(api.ApiError("this model has no chat template, so /v1/chat/completions is not served; "
                                   "use /v1/completions with a prompt.", "messages"))
 
 
 class Auth:
-    """ASGI middleware: with an API key, every path but /health needs `Authorization: Bearer KEY`, checked first."""
+    """ASGI middleware: with an API key, every path but /health and the page at / needs `Authorization: Bearer
+    KEY`, checked first (the page sends the key its user types in)."""
 
     def __init__(self, app, key: str | None):
         self.app, self.key = app, key
 
     async def __call__(self, scope, receive, send):
-        if self.key and scope["type"] == "http" and scope["path"] != "/health":
+        if self.key and scope["type"] == "http" and scope["path"] not in ("/health", "/"):
             given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.key}".encode()):
                 e = api.ApiError("a valid API key is required: Authorization: Bearer KEY.", status=401,
@@ -188,6 +193,7 @@ async def _internal(request, exc: Exception):
 def make_app(model, batcher: Batcher, name: str, api_key: str | None = None):
     s = Server(model, batcher, name)
     routes = [Route("/v1/completions", s.completions, methods=["POST"]), Route("/v1/models", s.models),
-              Route("/health", s.health), Route("/v1/chat/completions", s.chat, methods=["POST"])]
+              Route("/health", s.health), Route("/v1/chat/completions", s.chat, methods=["POST"]),
+              Route("/", s.playground)]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal})
     return Auth(app, api_key)
