@@ -202,3 +202,20 @@ def test_api_key_is_checked_before_anything_else(served):
         key = {"Authorization": "Bearer sekret"}
         r = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}, headers=key)
         assert r.status_code == 200 and len(r.json()["choices"]) == 1
+
+
+def test_a_failed_decoder_answers_500_and_leaves_no_request_waiting(served, monkeypatch):
+    model = served[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken step")
+
+    monkeypatch.setattr(batching, "_step", broken)
+    batcher = batching.Batcher(model, 2)
+    batcher.start()
+    with TestClient(make_app(model, batcher, "tiny")) as http:
+        for _ in range(2):  # the one that met the fault, then one after it
+            r = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 3})
+            assert r.status_code == 500 and "broken step" in r.json()["error"]["message"]
+        assert http.get("/health").status_code == 503
+    batcher.close()

@@ -115,7 +115,14 @@ class Server:
         if c.stream:
             return StreamingResponse(self._stream(c, rows), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await self._whole(c, rows))
+        try:
+            return JSONResponse(await self._whole(c, rows))
+        except api.ApiError as e:
+            return error(e)
+
+    def _failed(self) -> api.ApiError:
+        return api.ApiError(f"the server failed: {self.batcher.failure}; restart it.", status=500,
+                            kind="server_error")
 
     def _start(self, c: api.Completion, k: int) -> tuple[str, Logprobs | None]:
         echo = c.prompts[k // c.n] if c.echo else ""
@@ -129,6 +136,8 @@ class Server:
             reasons[k] = reason or reasons[k]
             if starts[k][1]:
                 starts[k][1].add(ids, logps)
+        if "error" in reasons:
+            raise self._failed()
         choices = [api.choice(k, texts[k], reasons[k], s[1].since() if s[1] else None) for k, s in enumerate(starts)]
         return api.envelope(api.new_id(), self.name, choices, self._usage(c, rows))
 
@@ -143,6 +152,9 @@ class Server:
             if echo:
                 yield sse([api.choice(k, echo, None)])
         async for k, ids, logps, text, reason in rows.events_until_done():
+            if reason == "error":
+                yield f"data: {json.dumps(self._failed().body())}\n\ndata: [DONE]\n\n"
+                return
             lp = starts[k][1].add(ids, logps) if starts[k][1] else None
             if text or reason:
                 yield sse([api.choice(k, text, reason, lp)])
@@ -155,6 +167,8 @@ class Server:
                                                          "owned_by": "gptjax"}]})
 
     async def health(self, request: HttpRequest):
+        if self.batcher.failure:
+            return error(api.ApiError(f"the server failed: {self.batcher.failure}.", status=503, kind="server_error"))
         return JSONResponse({"status": "ok", "busy_slots": self.batcher.busy(), "slots": self.batcher.n})
 
     async def playground(self, request: HttpRequest):

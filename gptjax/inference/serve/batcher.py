@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -78,7 +79,8 @@ def _step(params, caches, tok_n, pos_n, controls, *, graphdef):
 
 @dataclass
 class Request:
-    """One completion's row: `emit(ids, logprobs, text, finish_reason or None)` is called from the decoding thread."""
+    """One completion's row: `emit(ids, logprobs, text, finish_reason or None)` is called from the decoding thread;
+    finish_reason "error" when the server failed."""
 
     ids: list[int]
     max_tokens: int
@@ -109,6 +111,7 @@ class Batcher:
         self.pending: queue.Queue[Request | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, daemon=True, name="gptjax-serve-decoder")
         self.closed = False
+        self.failure = ""  # what stopped the decoding thread, if something did
 
     def warm(self) -> None:
         """Compile the step, the slot write and the prefill of every prompt-length bucket before any request."""
@@ -132,6 +135,9 @@ class Batcher:
 
     def submit(self, request: Request) -> None:
         request.text = StopText(self.model.tokenizer, request.stops)
+        if self.failure:
+            self._tell(request, [], [], "", "error")
+            return
         self.pending.put(request)
 
     def busy(self) -> int:
@@ -172,17 +178,38 @@ class Batcher:
                 reason = "length"
         if reason:
             r.text.finish()
-        if not r.cancelled:
-            try:
-                r.emit(ids, logps, r.text.take(), reason)
-            except RuntimeError:  # the request's event loop has closed: nobody waits for it
-                r.cancelled = True
+        self._tell(r, ids, logps, r.text.take(), reason)
         if reason or r.cancelled:
             self.rows[slot] = None
         else:
             self.tok[slot] = tok
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # a fault of the server, not of one request: tell every request, leave none waiting
+            self.failure = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+            self._fail_all()
+
+    def _fail_all(self) -> None:
+        waiting = [r for r in self.rows if r is not None]
+        self.rows = [None] * self.n
+        while not self.pending.empty():
+            waiting.append(self.pending.get_nowait())
+        for r in waiting:
+            if r is not None:
+                self._tell(r, [], [], "", "error")
+
+    @staticmethod
+    def _tell(r: Request, *event) -> None:
+        if not r.cancelled:
+            try:
+                r.emit(*event)
+            except RuntimeError:  # the request's event loop has closed: nobody waits for it
+                r.cancelled = True
+
+    def _loop(self) -> None:
         while not self.closed:
             while None in self.rows:
                 try:
