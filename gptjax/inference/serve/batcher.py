@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptjax.inference.generate import _ordered_bits, _threshold, argmax
+from gptjax.inference.generate import _compute_params, _ordered_bits, _threshold, argmax
 from gptjax.inference.stops import StopText
+from gptjax.model.gpt import compute_dtype
 from gptjax.model.score import bucket
 
 
@@ -66,7 +67,8 @@ def _insert(caches, cache, slot):
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches",))
 def _step(params, caches, tok_n, pos_n, controls, *, graphdef):
-    model = nnx.merge(graphdef, params)
+    """One token for every slot. The parameters are cast to the compute dtype once, as generate's loop does."""
+    model = nnx.merge(graphdef, _compute_params(params, compute_dtype(nnx.merge(graphdef, params).cfg)))
 
     def one(cache, tok, pos):
         logits_11V, cache = model.decode(tok[None, None], cache, positions_BT=pos[None, None])
