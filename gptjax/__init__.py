@@ -7,7 +7,7 @@ The map, in the order a run's data flows (each part imports only from the parts 
   data/        a corpus to token shards and batches: readers, documents, the validation cut, worker processes
   model/       the GPT: the decoder stack, its products' forms, its loss, the one scorer, the stacked layout
   weights/     weights at rest: checkpoints and their faults, the Hugging Face layout, any source, conversion
-  inference/   a trained model at work: decoding, stop strings, gptjax.load, the sampling command
+  inference/   a trained model at work: decoding, stop strings, gptjax.load, the sampling command, the server
   eval/        what a model is worth: loss and bits per byte on a text, zero-shot tasks, lm-eval's model
   train/       a run: its set-up and plan, the step, the optimizer, parallel strategies, many hosts, logs
   bench/       figures, never timed tests: training, sampling, data, quality, memory

@@ -1,4 +1,4 @@
-"""One command for every tool: `gptjax train|sample|data|convert|bench|plot|eval|memory [options]`.
+"""One command for every tool: `gptjax train|sample|serve|data|convert|bench|plot|eval|memory [options]`.
 
 Each subcommand runs the `main(argv)` of one module with the arguments that follow its name, exactly
 as `python train.py`, `python sample.py` or `python -m gptjax.<module>` does, so their options,
@@ -19,6 +19,7 @@ from gptjax.errors import UserError, cli
 COMMANDS = {
     "train": ("gptjax.train.__main__", "pretrain or fine-tune a model (what python train.py runs)"),
     "sample": ("gptjax.inference.sample", "continue prompts from a run directory or hf:DIR (what python sample.py runs)"),
+    "serve": ("gptjax.inference.serve.__main__", "an OpenAI-compatible completions server of a run directory or hf:DIR"),
     "data": ("gptjax.data.__main__", "prepare token shards once, for many runs: gptjax data prepare [options]"),
     "convert": ("gptjax.weights.convert", "GPT-2 weights between a Hugging Face folder and a run directory"),
     "bench": ("gptjax.bench.__main__", "time the training step, sampling or data preparation"),

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 from gptjax import commands
 
-NAMES = ["train", "sample", "data", "convert", "bench", "plot", "eval", "memory"]
+NAMES = ["train", "sample", "serve", "data", "convert", "bench", "plot", "eval", "memory"]
 ENV = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
 
 
@@ -77,7 +77,7 @@ def test_unknown_and_unavailable_commands(capsys, monkeypatch):
         commands.main(["eval", "--help"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: gptjax eval is not available in this installation")
-    assert "The commands available here are train, sample, data, convert, bench, plot, memory." in err
+    assert "The commands available here are train, sample, serve, data, convert, bench, plot, memory." in err
     commands.main(["--help"])
     assert "evaluate (not available in this installation)" in capsys.readouterr().out
 

@@ -1,11 +1,12 @@
 """Benchmarks that print figures (never timed tests), one subcommand each.
 
   python -m gptjax.bench sample [--compare torch] [--model reference|gpt2-124m] [--batch 1 16] ...
+  python -m gptjax.bench serve [--clients 1 4 16 64] [--requests 64] [--slots 16] ...
   python -m gptjax.bench train [--compare torch] [--steps 5] [--rounds 5] [--config=PRESET --section.key=value ...]
   python -m gptjax.bench data [--data.corpus=SPEC --data.workers=N ...] [--sample-mb 64]
   python -m gptjax.bench quality [--budget 300] [--arms gpt2,rope,...,NAME:OPTIONS] [--half] [--steps N]
 
-`sample` times decoding (gptjax.bench.sample), `train` the training step (gptjax.bench.train),
+`sample` times decoding (gptjax.bench.sample), `serve` the completions server (gptjax.bench.serve), `train` the training step (gptjax.bench.train),
 `data` the preparation of token shards (gptjax.bench.data) and `quality` what each option reaches
 in a fixed time (gptjax.bench.quality); each module's docstring says what it measures. Each is imported only when asked for, so that `data` starts no JAX runtime.
 """
@@ -37,6 +38,12 @@ def _bench_quality(args, rest) -> None:
     bench_quality(args, rest)
 
 
+def _bench_serve(args, rest) -> None:
+    from gptjax.bench.serve import bench_serve
+
+    bench_serve(args)
+
+
 def _bench_data(args, rest) -> None:
     from gptjax.bench.data import bench_data
 
@@ -55,6 +62,20 @@ def _sample_parser(commands) -> None:
     sample.add_argument("--new_tokens", type=int, default=200, help="tokens to generate (default: 200)")
     sample.add_argument("--runs", type=int, default=5, help="timed runs per figure (default: 5)")
     sample.set_defaults(run=_bench_sample)
+
+
+def _serve_parser(commands) -> None:
+    """python -m gptjax.bench serve: the completions server under concurrent clients."""
+    serve = commands.add_parser("serve", help="the completions server: tokens/s, time to first token and between "
+                                              "tokens at several numbers of concurrent clients")
+    serve.add_argument("--model", choices=sorted(MODELS), default="reference", help="the shape (default: reference)")
+    serve.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64],
+                       help="concurrent clients (default: 1 4 16 64)")
+    serve.add_argument("--requests", type=int, default=64, help="requests per figure (default: 64)")
+    serve.add_argument("--slots", type=int, default=16, help="the server's slots (default: 16)")
+    serve.add_argument("--prompt_tokens", type=int, default=16, help="prompt length (default: 16)")
+    serve.add_argument("--new_tokens", type=int, default=64, help="tokens per completion (default: 64)")
+    serve.set_defaults(run=_bench_serve)
 
 
 def _train_parser(commands) -> None:
@@ -117,14 +138,14 @@ def _quality_parser(commands) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gptjax.bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_sample_parser, _train_parser, _data_parser, _quality_parser):
+    for add in (_sample_parser, _serve_parser, _train_parser, _data_parser, _quality_parser):
         add(commands)
     args, rest = parser.parse_known_args(argv)
     if args.command in ("train", "quality"):
         from gptjax.runtime.cpu import tune_for_cpu
 
         tune_for_cpu()  # as train.py does, before JAX starts its runtime
-    if args.command == "sample" and rest:
+    if args.command in ("sample", "serve") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.run(args, rest)
 

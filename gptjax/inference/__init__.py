@@ -4,4 +4,5 @@
   stops       stop strings, found across token boundaries
   pretrained  `gptjax.load`: the notebook object (generate, stream, logprobs, perplexity, bits per byte)
   sample      `python sample.py` / `gptjax sample`
+  serve/      `gptjax serve`: an OpenAI-compatible completions server over continuous batching
 """

@@ -51,11 +51,18 @@ RUN = {
 
 BENCHMARK = "a benchmark: it measures for minutes by design (tests/bench/test_bench.py checks its arms' options only)"
 EXCLUDED = {
+    "gptjax serve out/run --port=8000 --slots=16":
+        "a server: it runs until stopped (tests/inference/test_serve.py serves a model and asks it through openai "
+        "and raw HTTP)",
+    "curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": \"def \", "
+    "\"max_tokens\": 32, \"temperature\": 0}'":
+        "asks the server above, which CI does not start (tests/inference/test_serve.py sends such requests)",
     "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && python train.py":
         "set-up: creates a virtual environment and installs gptjax, as .ci/run does on a fresh clone before the "
         "suite; its last command, python train.py, is the quick tour's first, run here",
     'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test]" && python -m pytest':
         "set-up and the test command itself: .ci/run creates the environment, installs gptjax and runs this suite",
+    "python -m gptjax.bench serve --clients 1 4 16 64 --slots 16": BENCHMARK,
     "python -m gptjax.bench quality --budget 150 --arms gpt2,rope,rmsnorm,qk_norm,relu2,swiglu": BENCHMARK,
     'python -m gptjax.bench quality --budget 150 --arms "gpt2,untied,no_bias,gqa,muon,bpe8k,cpu:" --half': BENCHMARK,
     "lm_eval --model gptjax --model_args path=out/run --tasks hellaswag,lambada_openai --batch_size 16":

@@ -1,0 +1,7 @@
+"""`gptjax serve`: an OpenAI-compatible completions server over continuous batching.
+
+  batcher   the KV-cache slots and the one thread that decodes them
+  api       the request fields, checked, and OpenAI's response and error shapes
+  app       the ASGI app (Starlette): routes, streaming, the API key
+  __main__  the command
+"""

@@ -1,0 +1,130 @@
+"""The OpenAI completions API's request fields, checked, and its response shapes.
+
+A request is checked field by field before anything is decoded: an unknown field, a value of the
+wrong type or out of range, or a prompt and max_tokens that do not fit the context is an ApiError,
+answered 400 in OpenAI's error shape. The sampling controls go through config.check_sampling, the
+rule every sampling call follows.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from gptjax.config import check_sampling
+from gptjax.errors import UserError
+from gptjax.inference.stops import check_stops
+
+# field: (the types it takes, its default); OpenAI's other fields are refused by name
+FIELDS = {
+    "model": ((str,), None), "prompt": ((str, list), None), "max_tokens": ((int,), 16),
+    "temperature": ((int, float), 1.0), "top_p": ((int, float), 1.0), "top_k": ((int,), 0),
+    "seed": ((int,), 0), "stop": ((str, list), None), "n": ((int,), 1), "stream": ((bool,), False),
+    "stream_options": ((dict,), None), "logprobs": ((int,), None), "echo": ((bool,), False), "user": ((str,), None),
+}
+
+
+class ApiError(Exception):
+    """A request the API refuses: its HTTP status and OpenAI's error object."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.kind, self.code = status, param, kind, code
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Completion:
+    prompts: list[str]
+    ids: list[list[int]]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stops: list[str]
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: int | None
+    echo: bool
+
+
+def _typed(body: dict) -> dict:
+    unknown = sorted(set(body) - set(FIELDS))
+    if unknown:
+        raise ApiError(f"unknown field {unknown[0]!r}; this server takes {', '.join(FIELDS)}.", unknown[0])
+    values = {}
+    for name, (types, default) in FIELDS.items():
+        value = body.get(name, default)
+        if value is not None and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
+            names = " or ".join("number" if t is float else {int: "integer", str: "string", list: "list", bool:
+                                "boolean", dict: "object"}[t] for t in types if t is not int or float not in types)
+            raise ApiError(f"{name} must be a {names}, got {value!r}.", name)
+        values[name] = value
+    return values
+
+
+def _prompts(prompt) -> list[str]:
+    if prompt is None:
+        raise ApiError("prompt is required: a string or a list of strings.", "prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ApiError("prompt must be a string or a non-empty list of strings (token ids are not taken).", "prompt")
+    return prompts
+
+
+def parse_completion(body, tokenizer, context: int, slots: int) -> Completion:
+    """The request's Completion, or an ApiError that says which field is wrong and why."""
+    if not isinstance(body, dict):
+        raise ApiError("the request body must be a JSON object.")
+    v = _typed(body)
+    prompts = _prompts(v["prompt"])
+    try:
+        check_sampling(v["max_tokens"], v["temperature"], v["top_k"], v["top_p"])
+        stops = check_stops(v["stop"])
+    except UserError as e:
+        param = next((f for f in ("max_tokens", "temperature", "top_k", "top_p") if str(e).startswith(f)), "stop")
+        raise ApiError(str(e), param) from None
+    if not 1 <= v["n"] <= slots:
+        raise ApiError(f"n must be from 1 to {slots} (the server's slots), got {v['n']}.", "n")
+    if v["logprobs"] is not None and not 0 <= v["logprobs"] <= 5:
+        raise ApiError(f"logprobs must be from 0 to 5, got {v['logprobs']}.", "logprobs")
+    if not 0 <= v["seed"] < 2 ** 32:
+        raise ApiError(f"seed must be from 0 to 2**32 - 1, got {v['seed']}.", "seed")
+    options = v["stream_options"] or {}
+    if set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
+        raise ApiError('stream_options takes one field, "include_usage", a boolean.', "stream_options")
+    ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]  # an empty prompt starts a document
+    for p in ids:
+        if len(p) + v["max_tokens"] > context:
+            raise ApiError(f"the prompt has {len(p)} tokens and max_tokens is {v['max_tokens']}: together more than "
+                           f"the model's context of {context} tokens.", "prompt" if len(p) >= context else "max_tokens",
+                           code="context_length_exceeded")
+    top_k = min(v["top_k"], 2 ** 31 - 1)  # past the vocabulary is no filter; the controls are int32
+    return Completion(prompts, ids, v["max_tokens"], float(v["temperature"]), float(v["top_p"]), top_k, v["seed"],
+                      stops, v["n"], v["stream"], bool(options.get("include_usage")), v["logprobs"], v["echo"])
+
+
+def new_id() -> str:
+    return "cmpl-" + uuid.uuid4().hex[:24]
+
+
+def envelope(cid: str, model: str, choices: list, usage: dict | None = None) -> dict:
+    out = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices}
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
