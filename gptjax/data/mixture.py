@@ -12,19 +12,23 @@ tokenized with it. No JAX here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from gptjax.config import DataConfig
-from gptjax.data import documents, mix
+from gptjax.data import documents, durable, mix
 from gptjax.data.pipeline import BPE_SAMPLE_CHARS, prepare
 from gptjax.data.shards import Dataset, check_fits, open_folders, read_meta
 from gptjax.data.sources import MAX_PIECE_CHARS, PIECE_CHARS, corpus_files
 from gptjax.errors import UserError
 from gptjax.tokenizer import bpe_tokenizer, learn_bpe, ranks_to_text
+
+MIX_TOKENIZER = "mix-tokenizer.json"  # the learned bpe of a mixture, beside its sources' folders
 
 
 @dataclass
@@ -91,17 +95,40 @@ def _given_tokenizer(sources, prepared: dict, cfg: DataConfig):
     return first
 
 
-def _learn(corpora: list, cfg: DataConfig, log):
-    """A bpe learned from each corpus's training text, in proportion to its weight."""
+def _learn_key(corpora: list, cfg: DataConfig) -> str:
+    """What the mixture's learned tokenizer depends on: the corpora's files and weights, and the settings."""
+    h = hashlib.sha256(f"{cfg.bpe_vocab}|{cfg.val_fraction}|{cfg.text_field}|{BPE_SAMPLE_CHARS}".encode())
+    for source, files in corpora:
+        h.update(f"|{source.name}:{source.weight!r}".encode())
+        for f in files:
+            st = f.stat()
+            h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _learn(corpora: list, cfg: DataConfig, folder: Path, log):
+    """A bpe learned from each corpus's training text, in proportion to its weight; kept in
+    `folder`/MIX_TOKENIZER, so that a resumed run (and the other processes) read it instead of learning it."""
+    key, path = _learn_key(corpora, cfg), folder / MIX_TOKENIZER
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if isinstance(saved, dict) and saved.get("key") == key:
+        return bpe_tokenizer(saved["ranks"])
     total = sum(s.weight for s, _ in corpora) or 1.0
     texts = []
     for source, files in corpora:
         split = documents.plan(files, cfg, False, PIECE_CHARS, MAX_PIECE_CHARS)
         limit = max(1, int(BPE_SAMPLE_CHARS * source.weight / total))
         texts.append(documents.TrainingTexts(files, cfg, split, limit, PIECE_CHARS, MAX_PIECE_CHARS))
-    tok = bpe_tokenizer(ranks_to_text(learn_bpe(itertools.chain.from_iterable(texts), cfg.bpe_vocab)))
+    ranks = ranks_to_text(learn_bpe(itertools.chain.from_iterable(texts), cfg.bpe_vocab))
+    folder.mkdir(parents=True, exist_ok=True)
+    durable.write_json(path, {"key": key, "ranks": ranks})
+    tok = bpe_tokenizer(ranks)
     log(f"data: learned one bpe tokenizer of {tok.vocab_size:,} tokens for the mixture from "
-        + ", ".join(f"{s.name} {t.chars:,}" for (s, _), t in zip(corpora, texts)) + " characters of training text")
+        + ", ".join(f"{t.chars:,} characters of {s.name}" for (s, _), t in zip(corpora, texts))
+        + " (their training text, in the mixture's proportions)")
     return tok
 
 
@@ -114,14 +141,15 @@ def load(cfg: DataConfig, default_dir: Path, block_size: int, log=print, tokeniz
         if s.name in prepared:
             _check_prepared(s, cfg)
     corpora = [(s, corpus_files(s.spec, option=f"mix source {s.name}")) for s in sources if s.name not in prepared]
-    given = tokenizer or _given_tokenizer(sources, prepared, cfg)
-    if tokenizer is not None and prepared and cfg.tokenizer == "bpe":
-        other = _given_tokenizer(sources, prepared, cfg)
-        if not other.same_as(tokenizer):
-            raise UserError("a prepared mix source was made with another learned bpe tokenizer than the fine-tune's "
-                            "source; give its corpus instead. Nothing was changed.")
+    given = _given_tokenizer(sources, prepared, cfg)
+    if tokenizer is not None and given is not None and not given.same_as(tokenizer):
+        raise UserError("a prepared mix source was made with another learned bpe tokenizer than the fine-tune's "
+                        "source (--train.init_from); give its corpus instead. Nothing was changed.")
+    given = tokenizer or given
     if cfg.tokenizer == "bpe" and given is None and corpora:
-        given = _learn(corpora, cfg, log)
+        first = dict(zip([s.name for s in sources], mix.weights_at(sources, schedule, 0)))  # the run's first weights
+        given = _learn([(dataclasses.replace(s, weight=float(first[s.name])), files) for s, files in corpora], cfg,
+                       Path(default_dir), log)
     datasets = []
     for s in sources:
         if s.name in prepared:

@@ -137,3 +137,16 @@ def test_on_exhausted_stop_stops_with_a_checkpoint(mixed):
     step = int(str(e.value).split("checkpoint of step ")[1].split()[0])
     assert 0 < step < 400
     assert os.path.isdir(root / "stop" / "checkpoints" / str(step))
+
+
+def test_the_plot_draws_each_source(mixed, tmp_path):
+    import importlib.util
+
+    from gptjax.train import plot
+
+    root = mixed[0]
+    _, val = plot.read_metrics(root / "full")
+    assert plot.source_names(val, "val_bpb") == ["code", "prose"]
+    assert plot.task_accuracies(val) == []  # a source's figures are not a task's
+    if importlib.util.find_spec("matplotlib"):
+        assert plot.plot([root / "full"], tmp_path / "loss.png").stat().st_size > 0
