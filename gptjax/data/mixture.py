@@ -73,7 +73,8 @@ def _check_prepared(source, cfg: DataConfig) -> dict:
     if meta.get("tokenizer") != cfg.tokenizer:
         raise UserError(f"the mix source {source.name!r} ({source.spec}) holds shards of the {meta.get('tokenizer')} "
                         f"tokenizer, but this run uses {cfg.tokenizer}: a mixture has one tokenizer. Prepare it "
-                        f"again with --data.tokenizer={cfg.tokenizer}, or give its corpus instead; nothing was changed.")
+                        f"again with --data.tokenizer={cfg.tokenizer}, or give its corpus instead; nothing was "
+                        "changed.")
     if not int(meta.get("val_tokens", 0)):
         raise UserError(f"the mix source {source.name!r} ({source.spec}) has no validation split (0 val tokens): "
                         "each source of a mixture is validated on its own. Prepare it again with a "

@@ -70,7 +70,7 @@ class Plan:
     checkpoint_bytes: int        # the size of one checkpoint of this model and optimizer
     val_bytes: int               # the bytes the validation batches' targets cover (the same at every evaluation)
     mixture: Any = None          # a gptjax.data.mixture.Mixture with --data.mix, else None
-    source_val_bytes: tuple = () # with a mixture: val_bytes of each source's own validation batches
+    source_val_bytes: tuple = ()  # with a mixture: val_bytes of each source's own validation batches
 
     @property
     def start_step(self) -> int:

@@ -114,9 +114,8 @@ class Trainer:
         self.done = self.plan.start_step
         self.interrupted = ""
         self.t_start = None  # when this start's steps began: the first evaluation of a new run comes before
-        if self.plan.mixture is not None:  # the rows each source gave to the steps before this start
-            self.mix_rows = mix.rows_drawn(self.plan.mixture.sources, self.plan.mixture.schedule, t.seed,
-                                           self.plan.accum * self.plan.micro, self.plan.start_step)
+        if self.plan.mixture is not None:
+            self.mix_rows = self._rows_before()
 
     def run(self, stop: StopRequest, stop_after: int | None) -> None:
         plan, t = self.plan, self.plan.cfg.train
@@ -146,7 +145,7 @@ class Trainer:
                 self.evaluate()
             if checkpointing:
                 saving.save(self.ckpt, plan, self.state, self.done, self.last_val if evaluating else None,
-                            self.elapsed)
+                            self.elapsed, self._mix_meta())
             if stopping:
                 self.interrupted = stop.name
                 break
@@ -164,6 +163,21 @@ class Trainer:
         return data_lib.train_batch(plan.ds, plan.cfg.model.block_size, t.seed, step, plan.accum, plan.micro,
                                     plan.strategy.rows(plan.micro))
 
+    def _rows_before(self) -> np.ndarray:
+        """The rows each source gave to the steps before this start: as the checkpoint counted them (the
+        weights it trained with, even if the command changed them since), else replayed from (seed, step)."""
+        plan, m = self.plan, self.plan.mixture
+        saved = self.ckpt.read_meta(plan.start_step).get("mix_rows", {}) if plan.start_step else {}
+        if sorted(saved) == sorted(m.names):
+            return np.array([saved[n] for n in m.names], dtype=np.int64)
+        return mix.rows_drawn(m.sources, m.schedule, plan.cfg.train.seed, plan.accum * plan.micro, plan.start_step)
+
+    def _mix_meta(self) -> dict:
+        """What a checkpoint records of the mixture: the rows each source gave so far."""
+        if self.plan.mixture is None:
+            return {}
+        return {"mix_rows": {n: int(r) for n, r in zip(self.plan.mixture.names, self.mix_rows)}}
+
     def _mixture_ran_out(self, step: int) -> bool:
         """Count the rows step `step` draws from each source; with on_exhausted=stop, a source it would read
         past its end stops the run here, with a checkpoint of the steps done, and a UserError."""
@@ -174,7 +188,7 @@ class Trainer:
                                 plan.mixture.on_exhausted)
         except UserError as e:
             if self.done > plan.start_step and self.ckpt.latest_step() != self.done:
-                saving.save(self.ckpt, plan, self.state, self.done, None, self.elapsed)
+                saving.save(self.ckpt, plan, self.state, self.done, None, self.elapsed, self._mix_meta())
             raise UserError(f"{e} Stopped before step {step + 1}; the checkpoint of step {self.done} is in "
                             f"{self.ckpt.directory}.") from None
         self.mix_rows = rows
@@ -215,7 +229,8 @@ class Trainer:
         m = self.plan.mixture
         if m is None:
             return {}
-        return {f"epochs/{n}": float(e) for n, e in zip(m.names, m.epochs(self.mix_rows, self.plan.cfg.model.block_size))}
+        epochs = m.epochs(self.mix_rows, self.plan.cfg.model.block_size)
+        return {f"epochs/{n}": float(e) for n, e in zip(m.names, epochs)}
 
     def _not_finite(self, done: int, loss: float, grad_norm: float) -> UserError:
         last = self.ckpt.latest_step()

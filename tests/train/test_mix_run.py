@@ -95,6 +95,22 @@ def test_a_mixture_resumes_exactly_across_a_schedule_change(mixed):
     for s in range(1, 13):
         assert (part["loss"] | rest["loss"])[s] == full["loss"][s], s  # bit for bit on the CPU
     assert rest["val_loss"][12] == full["val_loss"][12]
+    root = mixed[0]
+    last = [[r for r in map(json.loads, (root / run / "metrics.jsonl").read_text().splitlines())
+             if "epochs/code" in r][-1] for run in ("full", "part")]
+    assert last[0] == {**last[1], "tokens_per_s": last[0]["tokens_per_s"], "elapsed_s": last[0]["elapsed_s"],
+                       "mfu": last[0]["mfu"]}  # the epochs counted on from the checkpoint's rows
+
+
+def test_a_checkpoint_holds_the_rows_each_source_gave(mixed):
+    from gptjax.data import mix
+    from gptjax.weights.checkpoint import read_meta
+
+    root = mixed[0]
+    meta = read_meta(root / "part" / "checkpoints", 4)
+    sources = mix.parse_mix("code=a:0.7,prose=b:0.3")
+    schedule = mix.parse_schedule("0:code=0.7,prose=0.3;6:code=0.2,prose=0.8", ["code", "prose"])
+    assert list(meta["mix_rows"].values()) == list(mix.rows_drawn(sources, schedule, 0, 8, 4))
 
 
 def _tree(path):
