@@ -166,3 +166,19 @@ def test_the_plot_draws_each_source(mixed, tmp_path):
     assert plot.task_accuracies(val) == []  # a source's figures are not a task's
     if importlib.util.find_spec("matplotlib"):
         assert plot.plot([root / "full"], tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_the_command_line_exits_2_on_a_source_of_another_tokenizer_and_writes_nothing(mixed, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    root = mixed[0]
+    before = _tree(root)
+    run = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--out_dir={tmp_path / 'run'}",
+                          "--data.tokenizer=gpt2", f"--data.mix=code={root / 'full' / 'data' / 'code'}:1,"
+                          f"prose={root / 'prose'}:1"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert "a mixture has one tokenizer" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "run").exists() and _tree(root) == before
