@@ -182,3 +182,16 @@ def test_the_command_line_exits_2_on_a_source_of_another_tokenizer_and_writes_no
     assert run.returncode == 2, run.stderr
     assert "a mixture has one tokenizer" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "run").exists() and _tree(root) == before
+
+
+def test_fsdp_draws_the_same_mixed_batches(mixed):
+    # the same global batch in another layout: losses to float32 reduction order (tests/train/test_layouts.py)
+    import jax
+    import numpy as np
+
+    root, full = mixed[0], mixed[1]
+    if jax.device_count() < 2:
+        pytest.skip("one device: no other layout to compare")
+    fsdp = train(mix_config(root, "fsdp", parallel="fsdp"), log=quiet, stop_after=4)
+    np.testing.assert_allclose([fsdp["loss"][s] for s in range(1, 5)], [full["loss"][s] for s in range(1, 5)],
+                               rtol=1e-6)
