@@ -135,7 +135,8 @@ def _learn(corpora: list, cfg: DataConfig, folder: Path, log):
 
 def load(cfg: DataConfig, default_dir: Path, block_size: int, log=print, tokenizer=None) -> Mixture:
     """The mixture of --data.mix: checked, then its corpora prepared (or reused) in `default_dir`/<NAME>.
-    `tokenizer`: a learned bpe to prepare with (a fine-tune's source's) instead of learning one."""
+    `tokenizer`: a learned bpe to prepare with (a fine-tune's source's) instead of learning one; `block_size`
+    0 leaves out the check that each split holds a context window (for a preparation alone)."""
     sources, schedule = mix.check(cfg)
     prepared = {s.name: s.spec for s in sources if _is_prepared(s.spec)}
     for s in sources:
@@ -162,7 +163,8 @@ def load(cfg: DataConfig, default_dir: Path, block_size: int, log=print, tokeniz
         if not ds.val.size:
             raise UserError(f"the mix source {s.name!r} ({s.spec}) has no validation split: each source of a mixture "
                             "is validated on its own. Give it more documents or a larger --data.val_fraction.")
-        check_fits(ds, block_size)
+        if block_size:
+            check_fits(ds, block_size)
         datasets.append(ds)
     return Mixture(sources, schedule, datasets, cfg.on_exhausted)
 

@@ -51,3 +51,14 @@ def test_a_corpus_in_a_mixture_takes_a_prepared_sources_learned_tokenizer(tmp_pa
 def test_a_missing_source_is_named():
     with pytest.raises(UserError, match="nowhere"):
         mixture.load(_cfg(mix="x=/nowhere/at/all:1"), "/tmp/unused-data", 16)
+
+
+def test_prepare_on_the_command_line_prepares_a_mixtures_corpora(tmp_path):
+    from gptjax.data.__main__ import main
+
+    make_corpus(tmp_path / "code", n_docs=20)
+    _prose(tmp_path / "prose")
+    main(["prepare", f"--out_dir={tmp_path / 'run'}", "--data.tokenizer=byte",
+          f"--data.mix=code={tmp_path / 'code'}:1,prose={tmp_path / 'prose'}:1"])
+    assert sorted(p.name for p in (tmp_path / "run" / "data").iterdir()) == ["code", "prose"]
+    assert all((tmp_path / "run" / "data" / n / "meta.json").is_file() for n in ("code", "prose"))
