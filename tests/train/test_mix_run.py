@@ -195,3 +195,15 @@ def test_fsdp_draws_the_same_mixed_batches(mixed):
     fsdp = train(mix_config(root, "fsdp", parallel="fsdp"), log=quiet, stop_after=4)
     np.testing.assert_allclose([fsdp["loss"][s] for s in range(1, 5)], [full["loss"][s] for s in range(1, 5)],
                                rtol=1e-6)
+
+
+def test_tensorboard_holds_each_sources_figures(mixed):
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("tensorboardX", "tensorboard")):
+        pytest.skip('TensorBoard events need pip install "gptjax[tb]"')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(mixed[0] / "full" / "tensorboard"))
+    events.Reload()
+    assert {"val_bpb/code", "val_bpb/prose", "val_loss/code", "epochs/prose"} <= set(events.Tags()["scalars"])
