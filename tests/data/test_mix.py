@@ -129,6 +129,8 @@ def test_the_mix_stands_alone_in_the_data_options():
         DataConfig(mix="web=a:1", corpus="books.txt")
     with pytest.raises(UserError, match="cannot be used with --data.corpus or --data.dir"):
         DataConfig(mix="web=a:1", dir="shards/x")
+    with pytest.raises(UserError, match="val_corpus cannot be used with --data.mix"):
+        DataConfig(mix="web=a:1", val_corpus="held_out.txt")
     with pytest.raises(UserError, match="--data.mix, which is not given"):
         DataConfig(mix_schedule="0:web=1")
     cfg = DataConfig(mix="web=a:1,code=b:1", mix_schedule="0:web=1;10:code=1")
