@@ -137,6 +137,10 @@ def _check_mix(cfg: "DataConfig") -> None:
     _check(not cfg.corpus and not cfg.dir,
            f"--data.mix names its own sources; it cannot be used with --data.corpus or --data.dir (given: corpus="
            f"{cfg.corpus!r}, dir={cfg.dir!r}). Put those sources in the mix, e.g. --data.mix='web=shards/web:1'.")
+    _check(not cfg.val_corpus,
+           "--data.val_corpus cannot be used with --data.mix: each source of a mixture is validated on its own "
+           "held-out share. To validate a source on a corpus of its own, prepare it with python -m gptjax.data "
+           "prepare --data.corpus=... --data.val_corpus=... --data.dir=FOLDER and put FOLDER in the mix.")
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,15 @@ def _(j: Journey, r: dict):
         assert 'tokenizer = "gpt2"' in config and "init_from" in config, config
 
 
+@check("train mix")
+def _(j: Journey, r: dict):
+    records = trained(j.clone, "out/mix", r)
+    val = [x for x in records if "val_loss" in x]
+    assert all(x["val_bpb/web"] > 0 and x["val_bpb/notes"] > 0 for x in val), val
+    assert any("epochs/notes" in x for x in records), records
+    assert (j.clone / "out/mix/data/notes/meta.json").is_file() and not (j.clone / "out/mix/data/web").exists()
+
+
 @check("prepare web", "prepare fineweb")
 def _(j: Journey, r: dict):
     shards = j.clone / ("shards/web" if r["name"] == "prepare web" else "shards/fineweb")

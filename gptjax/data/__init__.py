@@ -5,6 +5,8 @@
   pipeline  the streamed, resumable preparation of a shard folder
   progress  what a preparation tells: its progress line and closing report
   shards    the shard format, one or several folders read as one, and batches
+  mix       a mixture's weights, schedule and the draw of each batch's rows from its sources
+  mixture   a mixture's sources read from disk: prepared with one tokenizer, and their batches
 
 `load` is what a run calls: it prepares (or reuses) the corpus, or reads prepared folders as they are.
 """

@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+from gptjax.data import mixture
 from gptjax.data.pipeline import prepare
 from gptjax.errors import UserError, cli
 from gptjax.runtime.malloc import return_large_blocks
@@ -24,6 +25,9 @@ def main(argv: list[str]) -> None:
     cfg = parse_args(argv[1:], prog="python -m gptjax.data prepare", intro=INTRO, sections=("data",),
                      default_preset="cpu")
     return_large_blocks()  # flat memory however long the preparation (train.py's process keeps its own settings)
+    if cfg.data.mix:  # the sources that are corpora, into <out_dir>/data/<NAME>, as train.py prepares them
+        mixture.load(cfg.data, Path(cfg.out_dir) / "data", block_size=0)
+        return
     folder = Path(cfg.data.dir) if cfg.data.dir else Path(cfg.out_dir) / "data"
     if "," in cfg.data.dir:
         raise UserError("prepare writes one folder: give a single --data.dir.")

@@ -30,6 +30,27 @@ def validation(plan, state) -> tuple[float, float]:
     return val, bits_per_byte(val, t.eval_batches * plan.micro * cfg.model.block_size, plan.val_bytes)
 
 
+def source_validation(plan, state) -> dict[str, tuple[float, float]]:
+    """With a mixture: each source's validation loss and bits per byte on its own validation batches."""
+    cfg, t, m = plan.cfg, plan.cfg.train, plan.mixture
+    figures = {}
+    for name, ds, nbytes in zip(m.names, m.datasets, plan.source_val_bytes):
+        losses = [plan.strategy.eval_loss(state, *data_lib.val_batch(ds, cfg.model.block_size, t.seed, i,
+                                                                     plan.micro, plan.strategy.rows(plan.micro)))
+                  for i in range(t.eval_batches)]
+        val = float(np.mean([float(x) for x in losses]))
+        figures[name] = (val, bits_per_byte(val, t.eval_batches * plan.micro * cfg.model.block_size, nbytes))
+    return figures
+
+
+def mixture_figures(plan, per_source: dict, step: int) -> tuple[float, float]:
+    """The mixture's validation loss and bits per byte: the sources' own, averaged with the weights in force
+    at `step` (what the training batches of that step are drawn in)."""
+    weights = plan.mixture.weights(step)
+    return (float(sum(w * loss for w, (loss, _) in zip(weights, per_source.values()))),
+            float(sum(w * bpb for w, (_, bpb) in zip(weights, per_source.values()))))
+
+
 def score_tasks(plan, state) -> dict[str, dict[str, float]]:
     """Each eval task's figures (acc, and acc_norm or perplexity) with the parameters of this step."""
     params = plan.strategy.host_params(state)  # every process takes part, and each scores alike
@@ -39,10 +60,14 @@ def score_tasks(plan, state) -> dict[str, dict[str, float]]:
 
 
 def report(step: int, tokens: int, val: float, bpb: float, elapsed: float,
-           figures: dict[str, dict[str, float]]) -> tuple[dict, str]:
-    """An evaluation's record for the metrics logs and its line for the progress display."""
+           figures: dict[str, dict[str, float]], per_source: dict | None = None) -> tuple[dict, str]:
+    """An evaluation's record for the metrics logs and its line for the progress display; `per_source`, a
+    mixture's (loss, bits per byte) by source, as val_loss/<name> and val_bpb/<name>."""
     record = {"step": step, "tokens": tokens, "val_loss": val, "val_bpb": bpb, "elapsed_s": elapsed}
     shown = f"step {step:>6} | val loss {val:.4f} | val {bpb:.4f} bits/byte"
+    for name, (loss, b) in (per_source or {}).items():
+        record.update({f"val_loss/{name}": loss, f"val_bpb/{name}": b})
+        shown += f" | {name} {b:.4f}"
     for name, values in figures.items():
         record.update({f"{name}/{k}": v for k, v in values.items()})
         shown += f" | {name} " + " ".join(f"{k} {v:.4f}" for k, v in values.items())

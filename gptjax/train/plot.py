@@ -21,6 +21,7 @@ from gptjax.train.logs import read_records
 
 
 MARKERS = "osD^v<>"
+SOURCE_FIGURES = ("val_loss/", "val_bpb/", "epochs/")  # a mixture's figures by source, not tasks'
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -33,7 +34,13 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 def task_accuracies(val: list[dict]) -> list[str]:
     """The task figures that are accuracies ('<task>/acc', '<task>/acc_norm'), in order of appearance."""
-    return list(dict.fromkeys(k for r in val for k in r if "/" in k and k.rsplit("/", 1)[1].startswith("acc")))
+    return list(dict.fromkeys(k for r in val for k in r if "/" in k and k.rsplit("/", 1)[1].startswith("acc")
+                              and not k.startswith(SOURCE_FIGURES)))
+
+
+def source_names(val: list[dict], val_key: str) -> list[str]:
+    """A mixture's sources, whose own validation figures are '<val_key>/<name>', in order of appearance."""
+    return list(dict.fromkeys(k.split("/", 1)[1] for r in val for k in r if k.startswith(val_key + "/")))
 
 
 def plot(run_dirs: list[Path], out: Path) -> Path:
@@ -61,6 +68,11 @@ def plot(run_dirs: list[Path], out: Path) -> Path:
                     label=f"{run_dir.name} train")
             ax.plot([r[x] for r in val], [r[val_key] for r in val], color=color, ls="--", marker="o",
                     ms=4, label=f"{run_dir.name} validation")
+            for j, name in enumerate(source_names(val, val_key)):  # a mixture: one line per source
+                points = [r for r in val if f"{val_key}/{name}" in r]
+                ax.plot([r[x] for r in points], [r[f"{val_key}/{name}"] for r in points], color=color, ls=":",
+                        marker=MARKERS[(j + 1) % len(MARKERS)], ms=3, alpha=0.8,
+                        label=f"{run_dir.name} validation {name}")
         for j, task in enumerate(task_accuracies(val)):
             points = [r for r in val if task in r]
             axes[-1].plot([r["step"] for r in points], [r[task] for r in points], color=color,

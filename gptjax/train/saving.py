@@ -15,9 +15,10 @@ AFTER_FAILURE = ("run the same command with --train.resume=true: it continues fr
                  "checkpoint exactly as if nothing had stopped it")
 
 
-def save(ckpt: Checkpointer, plan, state, step: int, val_loss: float | None, elapsed: Callable[[], float]) -> None:
+def save(ckpt: Checkpointer, plan, state, step: int, val_loss: float | None, elapsed: Callable[[], float],
+         extra: dict | None = None) -> None:
     """Save the state after `step` of the run of `plan` (a gptjax.train.setup.Plan); `elapsed` gives the
-    seconds trained so far, read once the state is on its way."""
+    seconds trained so far, read once the state is on its way; `extra`, more fields of the meta."""
     # the previous save finishes first, before this one's copies are dispatched, so that orbax's thread
     # never reads the last checkpoint's arrays while these slices run (two suite runs aborted inside the
     # slices, with that overlap possible; not reproduced alone)
@@ -26,7 +27,7 @@ def save(ckpt: Checkpointer, plan, state, step: int, val_loss: float | None, ela
     meta = {"step": step, "config": to_dict(plan.as_given()), **plan.tok.meta(), "val_loss": val_loss,
             "compute_dtype": plan.compute.dtype, "compute_why": plan.compute_reason,
             "elapsed_s": elapsed(),
-            "data": {k: plan.ds.meta.get(k) for k in ("source", "fingerprint")}}
+            "data": {k: plan.ds.meta.get(k) for k in ("source", "fingerprint")}, **(extra or {})}
     ckpt.save(step, host["params"], host["opt_state"], meta)
 
 

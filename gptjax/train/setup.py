@@ -24,6 +24,7 @@ from gptjax.weights import sources
 from gptjax.weights.checkpoint import CHECKPOINTS, Checkpointer, checkpoint_bytes, remove_partial
 from gptjax.config import Config
 from gptjax.data import Dataset, mix
+from gptjax.data import mixture as mixture_lib
 from gptjax.errors import UserError
 from gptjax.eval.tasks import read_tasks
 from gptjax.model import documents
@@ -68,6 +69,8 @@ class Plan:
     peak: float | None           # the devices' peak FLOP/s together, where their data sheet is known
     checkpoint_bytes: int        # the size of one checkpoint of this model and optimizer
     val_bytes: int               # the bytes the validation batches' targets cover (the same at every evaluation)
+    mixture: Any = None          # a gptjax.data.mixture.Mixture with --data.mix, else None
+    source_val_bytes: tuple = ()  # with a mixture: val_bytes of each source's own validation batches
 
     @property
     def start_step(self) -> int:
@@ -83,10 +86,7 @@ def set_up(cfg: Config, log) -> tuple[Plan, Checkpointer, dict]:
     """Decide the run in `cfg.out_dir`, whose lock the caller holds. Returns the plan, the run's checkpointer
     (its folder created only once the inputs and the data are checked) and the training state to start from."""
     run_dir = Path(cfg.out_dir)
-    if mix.check(cfg.data)[0]:  # the mixture's mistakes are told before anything else; the draw is gptjax.data.mix's
-        raise UserError("--data.mix parses, but training on a mixture is not wired into the run yet (the draw, its "
-                        "schedule and exhaustion live in gptjax.data.mix). Train on one --data.corpus or --data.dir "
-                        "for now.")
+    mix.check(cfg.data)  # the mixture's mistakes are told before anything else
     cfg, given_vocab, source = _settle_config(cfg)
     # task files are read before any data is prepared, so that their mistakes cost nothing; a tokenizer
     # learned from the corpus is known only once the data is, and its tasks are read then
@@ -96,7 +96,8 @@ def set_up(cfg: Config, log) -> tuple[Plan, Checkpointer, dict]:
     ckpt, latest, saved = _find_resume_point(cfg, run_dir, log)
     given_dtype = cfg.model.dtype
     devices, mesh_shape, accum, micro = _plan_devices(cfg.train, log)
-    ds = _load_data(cfg, run_dir, source, log)
+    mixture = _load_mixture(cfg, run_dir, source, log) if cfg.data.mix else None
+    ds = mixture_lib.as_dataset(mixture) if mixture else _load_data(cfg, run_dir, source, log)
     if known_tok is None:
         tasks = _read_tasks(cfg.train.eval_tasks, ds.tokenizer, cfg.model.block_size, log)
     cfg = _complete_config(cfg, ds.tokenizer, given_vocab, latest, saved, run_dir)
@@ -117,8 +118,8 @@ def set_up(cfg: Config, log) -> tuple[Plan, Checkpointer, dict]:
                 flops_per_step=flops_per_token(cfg.model, n_params) * tokens_per_step,
                 peak=peak * len(devices) if peak else None,
                 checkpoint_bytes=checkpoint_bytes(shapes["params"], shapes["opt_state"]),
-                val_bytes=sum(ds.tokenizer.count_bytes(data_lib.val_batch(ds, cfg.model.block_size, t.seed, i,
-                                                                          micro)[1]) for i in range(t.eval_batches)))
+                val_bytes=_val_bytes(ds, cfg, micro), mixture=mixture,
+                source_val_bytes=tuple(_val_bytes(d, cfg, micro) for d in mixture.datasets) if mixture else ())
     return plan, ckpt, state
 
 
@@ -209,6 +210,18 @@ def _load_data(cfg: Config, run_dir: Path, source, log) -> Dataset:
         cfg.data, run_dir / "data", log=log, tokenizer=source.tokenizer if source else None))
     data_lib.check_fits(ds, cfg.model.block_size)
     return ds
+
+
+def _val_bytes(ds: Dataset, cfg: Config, micro: int) -> int:
+    t = cfg.train
+    return sum(ds.tokenizer.count_bytes(data_lib.val_batch(ds, cfg.model.block_size, t.seed, i, micro)[1])
+               for i in range(t.eval_batches))
+
+
+def _load_mixture(cfg: Config, run_dir: Path, source, log):
+    """The sources of --data.mix, checked, then prepared by process 0 first (gptjax.data.mixture)."""
+    return distributed.process_0_first(lambda: mixture_lib.load(
+        cfg.data, run_dir / "data", cfg.model.block_size, log=log, tokenizer=source.tokenizer if source else None))
 
 
 def _complete_config(cfg: Config, tok: Tokenizer, given_vocab, latest, saved, run_dir: Path) -> Config:

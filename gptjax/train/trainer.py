@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from gptjax import data as data_lib
+from gptjax.data import mix
 from gptjax.runtime import disk
 from gptjax.config import Config
 from gptjax.options import to_toml
@@ -113,6 +114,8 @@ class Trainer:
         self.done = self.plan.start_step
         self.interrupted = ""
         self.t_start = None  # when this start's steps began: the first evaluation of a new run comes before
+        if self.plan.mixture is not None:
+            self.mix_rows = self._rows_before()
 
     def run(self, stop: StopRequest, stop_after: int | None) -> None:
         plan, t = self.plan, self.plan.cfg.train
@@ -122,8 +125,9 @@ class Trainer:
         rate, pending = Rate(plan.tokens_per_step), None
         dropout_key = jax.random.key(t.seed + 1)
         for step in range(plan.start_step, t.max_steps):
-            x, y = data_lib.train_batch(plan.ds, plan.cfg.model.block_size, t.seed, step, plan.accum, plan.micro,
-                                        plan.strategy.rows(plan.micro))  # this process's rows only
+            if plan.mixture is not None and self._mixture_ran_out(step):
+                break
+            x, y = self._batch(step)
             self.state, metrics = plan.strategy.train_step(self.state, x, y, dropout_key)
             self.window_tokens, self.window_bytes = self.window_tokens + y.size, self.window_bytes + plan.tok.count_bytes(y)
             rate.tick()
@@ -141,7 +145,7 @@ class Trainer:
                 self.evaluate()
             if checkpointing:
                 saving.save(self.ckpt, plan, self.state, self.done, self.last_val if evaluating else None,
-                            self.elapsed)
+                            self.elapsed, self._mix_meta())
             if stopping:
                 self.interrupted = stop.name
                 break
@@ -149,6 +153,46 @@ class Trainer:
             self.record(*pending, rate)
         if stop.signum is not None and not self.interrupted:  # arrived before the first step
             self.interrupted = stop.name
+
+    def _batch(self, step: int):
+        """Step `step`'s batch, this process's rows only: of the one stream, or drawn from the mixture."""
+        plan, t = self.plan, self.plan.cfg.train
+        if plan.mixture is not None:
+            return plan.mixture.train_batch(plan.cfg.model.block_size, t.seed, step, plan.accum, plan.micro,
+                                            plan.strategy.rows(plan.micro))
+        return data_lib.train_batch(plan.ds, plan.cfg.model.block_size, t.seed, step, plan.accum, plan.micro,
+                                    plan.strategy.rows(plan.micro))
+
+    def _rows_before(self) -> np.ndarray:
+        """The rows each source gave to the steps before this start: as the checkpoint counted them (the
+        weights it trained with, even if the command changed them since), else replayed from (seed, step)."""
+        plan, m = self.plan, self.plan.mixture
+        saved = self.ckpt.read_meta(plan.start_step).get("mix_rows", {}) if plan.start_step else {}
+        if sorted(saved) == sorted(m.names):
+            return np.array([saved[n] for n in m.names], dtype=np.int64)
+        return mix.rows_drawn(m.sources, m.schedule, plan.cfg.train.seed, plan.accum * plan.micro, plan.start_step)
+
+    def _mix_meta(self) -> dict:
+        """What a checkpoint records of the mixture: the rows each source gave so far."""
+        if self.plan.mixture is None:
+            return {}
+        return {"mix_rows": {n: int(r) for n, r in zip(self.plan.mixture.names, self.mix_rows)}}
+
+    def _mixture_ran_out(self, step: int) -> bool:
+        """Count the rows step `step` draws from each source; with on_exhausted=stop, a source it would read
+        past its end stops the run here, with a checkpoint of the steps done, and a UserError."""
+        plan, t = self.plan, self.plan.cfg.train
+        rows = self.mix_rows + plan.mixture.rows_of_step(t.seed, step, plan.accum * plan.micro)
+        try:
+            mix.check_exhausted(plan.mixture.sources, plan.mixture.epochs(rows, plan.cfg.model.block_size),
+                                plan.mixture.on_exhausted)
+        except UserError as e:
+            if self.done > plan.start_step and self.ckpt.latest_step() != self.done:
+                saving.save(self.ckpt, plan, self.state, self.done, None, self.elapsed, self._mix_meta())
+            raise UserError(f"{e} Stopped before step {step + 1}; the checkpoint of step {self.done} is in "
+                            f"{self.ckpt.directory}.") from None
+        self.mix_rows = rows
+        return False
 
     def record(self, done: int, metrics, rate: Rate) -> None:
         """Read a finished step's metrics; log at intervals; stop (or skip) on a non-finite loss."""
@@ -178,7 +222,15 @@ class Trainer:
             mfu = tokens_per_s / tokens_per_step * self.plan.flops_per_step / peak if peak else None
             self.logs.write({"step": done, "tokens": done * tokens_per_step, "loss": loss, "bpb": bpb, "lr": lr,
                              "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                             "elapsed_s": self.elapsed()})
+                             "elapsed_s": self.elapsed(), **self._epochs()})
+
+    def _epochs(self) -> dict:
+        """With a mixture: the epochs of each source read so far, as epochs/<name>."""
+        m = self.plan.mixture
+        if m is None:
+            return {}
+        epochs = m.epochs(self.mix_rows, self.plan.cfg.model.block_size)
+        return {f"epochs/{n}": float(e) for n, e in zip(m.names, epochs)}
 
     def _not_finite(self, done: int, loss: float, grad_norm: float) -> UserError:
         last = self.ckpt.latest_step()
@@ -192,14 +244,16 @@ class Trainer:
     def evaluate(self) -> None:
         """The validation loss (and the eval tasks' figures) of the step just done, logged and shown."""
         plan, done = self.plan, self.done
-        val, bpb = evaluation.validation(plan, self.state)
+        per_source = evaluation.source_validation(plan, self.state) if plan.mixture is not None else {}
+        val, bpb = evaluation.mixture_figures(plan, per_source, done) if per_source else \
+            evaluation.validation(plan, self.state)
         self.history["val_loss"][done] = self.last_val = val
         self.history["val_bpb"][done] = bpb
         elapsed = self.elapsed()
         figures = evaluation.score_tasks(plan, self.state) if plan.tasks else {}
         if plan.tasks:
             self.history["tasks"][done] = figures
-        record, shown = evaluation.report(done, done * plan.tokens_per_step, val, bpb, elapsed, figures)
+        record, shown = evaluation.report(done, done * plan.tokens_per_step, val, bpb, elapsed, figures, per_source)
         self.logs.write(record)
         self.progress.line(shown)
 

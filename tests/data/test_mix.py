@@ -129,6 +129,8 @@ def test_the_mix_stands_alone_in_the_data_options():
         DataConfig(mix="web=a:1", corpus="books.txt")
     with pytest.raises(UserError, match="cannot be used with --data.corpus or --data.dir"):
         DataConfig(mix="web=a:1", dir="shards/x")
+    with pytest.raises(UserError, match="val_corpus cannot be used with --data.mix"):
+        DataConfig(mix="web=a:1", val_corpus="held_out.txt")
     with pytest.raises(UserError, match="--data.mix, which is not given"):
         DataConfig(mix_schedule="0:web=1")
     cfg = DataConfig(mix="web=a:1,code=b:1", mix_schedule="0:web=1;10:code=1")
@@ -136,3 +138,20 @@ def test_the_mix_stands_alone_in_the_data_options():
     with pytest.raises(UserError, match="'news' is not a source"):
         mix.check(DataConfig(mix="web=a:1", mix_schedule="0:news=1"))
     assert mix.check(DataConfig()) == ((), ())
+
+
+def test_tokens_each_source_gives_follow_its_weight_across_a_schedule():
+    # The batches' own tokens counted (each source's windows hold only its id): source i's tokens over S steps
+    # of n rows of T tokens are T times its rows, whose deviation from w n S is at most sqrt(S) / 2 rows in
+    # standard deviation (test_proportions_hold_over_many_steps); five of them is the tolerance, in tokens.
+    datasets, sources = _datasets(), mix.parse_mix(MIX)
+    schedule = mix.parse_schedule("0:web=0.5,code=0.4,books=0.1;150:web=0.1,code=0.1,books=0.8",
+                                  [s.name for s in sources])
+    steps, accum, rows, block = 300, 2, 4, 8
+    counts, expected = np.zeros(3), np.zeros(3)
+    for step in range(steps):
+        w = mix.weights_at(sources, schedule, step)
+        x, _, _ = mix.mixed_train_batch(datasets, w, block, seed=1, step=step, grad_accum=accum, batch_size=rows)
+        counts += np.bincount(x.ravel() - 10, minlength=3)
+        expected += w * accum * rows * block
+    assert np.all(np.abs(counts - expected) <= 5 * np.sqrt(steps) / 2 * block), (counts, expected)

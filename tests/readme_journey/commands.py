@@ -18,6 +18,7 @@ RUN = {
     "python -m gptjax.data prepare --data.corpus='web/*.jsonl.zst' --data.dir=shards/web": "--data.bpe_vocab=512",
     "python train.py --config=cpu-gpt2 --out_dir=out/gpt2-arch": TRAIN,
     "python train.py --data.dir=shards/web --out_dir=out/web": TRAIN_BPE,
+    "python train.py --data.mix='web=shards/web:0.7,notes=my_texts:0.3' --out_dir=out/mix": TRAIN_BPE,
     "python train.py --train.resume=true": f"{TRAIN_BPE} --train.max_steps=6",
     "python sample.py --checkpoint=out/run --prompt='def fib(n):' --max_new_tokens=100": SAMPLE,
     "python sample.py --checkpoint=out/run --num_samples=3 --temperature=0.9 --top_k=50 --top_p=0.95 --seed=1": SAMPLE,

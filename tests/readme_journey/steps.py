@@ -61,6 +61,8 @@ STEPS = [
     run("train mine", "python train.py --data.corpus='my_texts/**/*.txt' --out_dir=out/mine --model.n_layer=6"),
     run("prepare web", "python -m gptjax.data prepare --data.corpus='web/*.jsonl.zst' --data.dir=shards/web"),
     run("train web", "python train.py --data.dir=shards/web --out_dir=out/web", after=("prepare web",)),
+    run("train mix", "python train.py --data.mix='web=shards/web:0.7,notes=my_texts:0.3' --out_dir=out/mix",
+        after=("prepare web",)),
     run("sample hf:gpt2", "python sample.py --checkpoint=hf:gpt2 --prompt='The meaning of life is'",
         after=("set-up: the gpt2 folder",)),
     # the prose's `gptjax.load("hf:gpt2")`, which computes in float32 on every device, as transformers does
