@@ -149,15 +149,19 @@ def _step_error(ckpt_dir: Path, step: int, error: Exception, items: dict) -> Exc
     }[kind])
 
 
-def _late_callback(report) -> bool:
-    """Whether an unraisable error is a read's completion posted to orbax's event loop after that loop closed:
-    a failed restore returns at its first error and closes its loop while tensorstore's other reads are still
-    in flight, and each of them, finishing later, raises this in tensorstore's thread."""
+def _abandoned_read(report) -> bool:
+    """Whether an unraisable error is a leftover of a failed restore, which returns at its first error while
+    tensorstore's other reads are still in flight: a read finishing later posts its completion to orbax's
+    event loop, closed by then (a RuntimeError raised in tensorstore's thread), or one of orbax's read
+    coroutines, never resumed, is closed when it is collected (a GeneratorExit)."""
     frames = []
     tb = report.exc_traceback
     while tb is not None:
         frames.append(tb.tb_frame.f_code)
         tb = tb.tb_next
+    if report.exc_type is GeneratorExit:
+        code = getattr(report.object, "cr_code", None)
+        return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
     return (report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed" and bool(frames)
             and frames[-1].co_name == "_check_closed" and frames[0].co_name == "call_soon_threadsafe")
 
@@ -169,7 +173,7 @@ def _restore(ckpt_dir: Path, step: int, **items):
         reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
         return reader.restore(paths.absolute(ckpt_dir) / str(step), args=ocp.args.Composite(**items))
     except Exception as e:  # orbax and tensorstore raise many kinds: _step_error tells them apart by the files
-        drop_unraisable(_late_callback)  # from this failed read on, each would print a traceback
+        drop_unraisable(_abandoned_read)  # from this failed read on, each would print a traceback
         reported = _step_error(ckpt_dir, step, e, items)
         if reported is e:
             raise
