@@ -153,13 +153,14 @@ def _abandoned_read(report) -> bool:
     """Whether an unraisable error is a leftover of a failed restore, which returns at its first error while
     tensorstore's other reads are still in flight: a read finishing later posts its completion to orbax's
     event loop, closed by then (a RuntimeError raised in tensorstore's thread), or one of orbax's read
-    coroutines, never resumed, is closed when it is collected (a GeneratorExit)."""
+    coroutines, never resumed, is closed when it is collected (a GeneratorExit, or the error orbax raises
+    from it)."""
     frames = []
     tb = report.exc_traceback
     while tb is not None:
         frames.append(tb.tb_frame.f_code)
         tb = tb.tb_next
-    if report.exc_type is GeneratorExit:
+    if report.exc_type is GeneratorExit or isinstance(getattr(report.exc_value, "__cause__", None), GeneratorExit):
         code = getattr(report.object, "cr_code", None)
         return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
     return (report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed" and bool(frames)

@@ -310,12 +310,16 @@ def test_a_failed_read_leaves_no_traceback_behind(monkeypatch):
     mine = ours()
     closed, closed_ours = (types.SimpleNamespace(exc_type=GeneratorExit, exc_value=GeneratorExit(), exc_traceback=None,
                                                  err_msg=None, object=c) for c in (unresumed, mine))
+    raised = Exception("Encountered error while reading array index")  # as orbax raises it from the close
+    raised.__cause__ = GeneratorExit()
+    raised_on_close = types.SimpleNamespace(exc_type=Exception, exc_value=raised, exc_traceback=None, err_msg=None,
+                                            object=unresumed)
     try:
         sys.unraisablehook(late)
         assert seen == [late]  # nothing is dropped before a read failed
         with pytest.raises(UserError, match="cannot be read|vanished|does not exist|no checkpoint"):
             checkpoint.read_meta(Path("/nonexistent-gptjax") / CHECKPOINTS, 3)
-        for report in (late, closed, other, closed_ours):
+        for report in (late, closed, raised_on_close, other, closed_ours):
             sys.unraisablehook(report)
         # the same words raised anywhere else, and a coroutine of another library, still reach the hook
         assert seen == [late, other, closed_ours]
