@@ -204,7 +204,12 @@ class Pmap(Strategy):
 
     def get_state(self, state):
         """One replica, to save: on one device in one process. With several processes, a global array
-        replicated over every device, which every process hands to orbax and process 0 writes."""
+        replicated over every device, which every process hands to orbax and process 0 writes.
+
+        The step that made `state` is waited for first: a copy dispatched to device 0 while that step's
+        all-reduce is still being launched on the other simulated CPU devices can hold the launch back,
+        and the step then waits for devices that never start (a deadlock seen on 2 cores with 8 devices)."""
+        state = jax.block_until_ready(state)
         if jax.process_count() == 1:
             return jax.tree.map(lambda x: x[0], state)
         replicated = NamedSharding(self.mesh, P())
@@ -212,8 +217,9 @@ class Pmap(Strategy):
             x.shape[1:], replicated, [s.data[0] for s in x.addressable_shards]), state)
 
     def host_params(self, state):
-        """A full copy of the parameters in host memory (every process has one already)."""
-        return jax.tree.map(lambda x: np.asarray(x[0]), state["params"])
+        """A full copy of the parameters in host memory (every process has one already): device 0's
+        replica read as it is, with no computation dispatched (see get_state)."""
+        return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], state["params"])
 
     def _split(self, x: np.ndarray, axis: int):
         """(…, b, …) → (n, …, b/n, …): device-major, so local device i gets rows [i·b/n, (i+1)·b/n)."""
