@@ -22,25 +22,24 @@ def bits_per_byte(loss: float, tokens: int, nbytes: int) -> float:
 
 def validation(plan, state) -> tuple[float, float]:
     """The mean loss over --train.eval_batches validation batches, and its bits per byte."""
-    cfg, t = plan.cfg, plan.cfg.train
-    losses = [plan.strategy.eval_loss(state, *data_lib.val_batch(plan.ds, cfg.model.block_size, t.seed, i,
-                                                                 plan.micro, plan.strategy.rows(plan.micro)))
-              for i in range(t.eval_batches)]
-    val = float(np.mean([float(x) for x in losses]))
-    return val, bits_per_byte(val, t.eval_batches * plan.micro * cfg.model.block_size, plan.val_bytes)
+    return _validation(plan, state, plan.ds, plan.val_bytes)
 
 
 def source_validation(plan, state) -> dict[str, tuple[float, float]]:
     """With a mixture: each source's validation loss and bits per byte on its own validation batches."""
-    cfg, t, m = plan.cfg, plan.cfg.train, plan.mixture
-    figures = {}
-    for name, ds, nbytes in zip(m.names, m.datasets, plan.source_val_bytes):
-        losses = [plan.strategy.eval_loss(state, *data_lib.val_batch(ds, cfg.model.block_size, t.seed, i,
-                                                                     plan.micro, plan.strategy.rows(plan.micro)))
-                  for i in range(t.eval_batches)]
-        val = float(np.mean([float(x) for x in losses]))
-        figures[name] = (val, bits_per_byte(val, t.eval_batches * plan.micro * cfg.model.block_size, nbytes))
-    return figures
+    m = plan.mixture
+    return {name: _validation(plan, state, ds, nbytes)
+            for name, ds, nbytes in zip(m.names, m.datasets, plan.source_val_bytes)}
+
+
+def _validation(plan, state, ds, nbytes: int) -> tuple[float, float]:
+    """The mean loss over --train.eval_batches validation batches of `ds`, whose targets cover `nbytes`."""
+    cfg, t = plan.cfg, plan.cfg.train
+    losses = [plan.strategy.eval_loss(state, *data_lib.val_batch(ds, cfg.model.block_size, t.seed, i,
+                                                                 plan.micro, plan.strategy.rows(plan.micro)))
+              for i in range(t.eval_batches)]
+    val = float(np.mean([float(x) for x in losses]))
+    return val, bits_per_byte(val, t.eval_batches * plan.micro * cfg.model.block_size, nbytes)
 
 
 def mixture_figures(plan, per_source: dict, step: int) -> tuple[float, float]:
