@@ -48,6 +48,8 @@ def resumed_run(tmp_path_factory):
     cfg = tiny_config(tmp / "run", make_corpus(tmp / "corpus"), max_steps=12, **wandb)
     env = {"WANDB_MODE": "offline", "WANDB_CONFIG_DIR": str(tmp / "wandb-config"),
            "WANDB_CACHE_DIR": str(tmp / "wandb-cache"), "WANDB_DATA_DIR": str(tmp / "wandb-data")}
+    if HAS_WANDB:  # a service a test of this worker started online would keep that mode
+        wandb_teardown()
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
