@@ -114,8 +114,7 @@ class Trainer:
         self.done = self.plan.start_step
         self.interrupted = ""
         self.t_start = None  # when this start's steps began: the first evaluation of a new run comes before
-        if self.plan.mixture is not None:
-            self.mix_rows = self._rows_before()
+        self.mix_rows = self._rows_before() if self.plan.mixture is not None else None  # rows each source gave
 
     def run(self, stop: StopRequest, stop_after: int | None) -> None:
         plan, t = self.plan, self.plan.cfg.train
@@ -125,8 +124,8 @@ class Trainer:
         rate, pending = Rate(plan.tokens_per_step), None
         dropout_key = jax.random.key(t.seed + 1)
         for step in range(plan.start_step, t.max_steps):
-            if plan.mixture is not None and self._mixture_ran_out(step):
-                break
+            if plan.mixture is not None:
+                self._count_mixture_rows(step)
             x, y = self._batch(step)
             self.state, metrics = plan.strategy.train_step(self.state, x, y, dropout_key)
             self.window_tokens, self.window_bytes = self.window_tokens + y.size, self.window_bytes + plan.tok.count_bytes(y)
@@ -178,7 +177,7 @@ class Trainer:
             return {}
         return {"mix_rows": {n: int(r) for n, r in zip(self.plan.mixture.names, self.mix_rows)}}
 
-    def _mixture_ran_out(self, step: int) -> bool:
+    def _count_mixture_rows(self, step: int) -> None:
         """Count the rows step `step` draws from each source; with on_exhausted=stop, a source it would read
         past its end stops the run here, with a checkpoint of the steps done, and a UserError."""
         plan, t = self.plan, self.plan.cfg.train
@@ -192,7 +191,6 @@ class Trainer:
             raise UserError(f"{e} Stopped before step {step + 1}; the checkpoint of step {self.done} is in "
                             f"{self.ckpt.directory}.") from None
         self.mix_rows = rows
-        return False
 
     def record(self, done: int, metrics, rate: Rate) -> None:
         """Read a finished step's metrics; log at intervals; stop (or skip) on a non-finite loss."""
