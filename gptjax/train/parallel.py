@@ -206,12 +206,11 @@ class Pmap(Strategy):
         """One replica, to save: on one device in one process. With several processes, a global array
         replicated over every device, which every process hands to orbax and process 0 writes.
 
-        The step that made `state` is waited for first: a copy dispatched to device 0 while that step's
-        all-reduce is still being launched on the other simulated CPU devices can hold the launch back,
-        and the step then waits for devices that never start (a deadlock seen on 2 cores with 8 devices)."""
-        state = jax.block_until_ready(state)
+        The replica is device 0's own buffer, sliced there: `x[0]` on the stacked array is a computation
+        over every device, with collectives, and on simulated CPU devices its launch deadlocked now and
+        then (some devices waiting in the all-reduce for others that never started)."""
         if jax.process_count() == 1:
-            return jax.tree.map(lambda x: x[0], state)
+            return jax.tree.map(lambda x: x.addressable_shards[0].data[0], state)
         replicated = NamedSharding(self.mesh, P())
         return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
             x.shape[1:], replicated, [s.data[0] for s in x.addressable_shards]), state)
