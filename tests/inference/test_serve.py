@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -92,6 +93,41 @@ def test_stream_with_usage_echo_stop_and_logprobs(served, greedy):
     assert "".join(lp.tokens) == whole.choices[0].text and all(x <= 0 for x in lp.token_logprobs)
 
 
+def test_echo_logprobs_score_the_prompt_as_the_model_does(served):
+    """lm-evaluation-harness's log-likelihood request: token ids, echo, logprobs, one new token."""
+    model, url, _ = served
+    text = "the quick brown fox"
+    ids = model.tokenizer.encode(text)
+    body = {"prompt": [ids, text], "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 3}
+    for c in post(url, body).json()["choices"]:
+        lp = c["logprobs"]
+        assert c["text"].startswith(text) and lp["tokens"][:len(ids)] == list(text)
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        np.testing.assert_allclose(lp["token_logprobs"][1:len(ids)], model.logprobs(text), atol=1e-5)
+        for chosen, logp, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+            assert top[chosen] == logp and 3 <= len(top) <= 4  # the 3 likeliest, and the token where it is not
+            assert sorted(top.values(), reverse=True)[:3] == list(top.values())[:3]
+        assert max(lp["top_logprobs"][-1].values()) == lp["token_logprobs"][-1]  # the new token: greedy
+        assert lp["text_offset"][:3] == [0, 1, 2]
+    streamed = list(client(url).completions.create(model="tiny", prompt=text, max_tokens=3, temperature=0,
+                                                   echo=True, logprobs=2, stream=True))
+    tokens = [t for ch in streamed for c in ch.choices for t in (c.logprobs.tokens if c.logprobs else [])]
+    assert "".join(tokens) == "".join(c.text for ch in streamed for c in ch.choices)
+
+
+def test_one_request_decodes_one_row(served, monkeypatch):
+    """A step costs the rows busy, not the slots: one client alone is decoded at width 1, eight at 8."""
+    _, url, batcher = served
+    step, widths = batching._step, []
+    monkeypatch.setattr(batching, "_step", lambda p, h, c, tok_n, *a, **kw: (widths.append(len(tok_n)),
+                                                                           step(p, h, c, tok_n, *a, **kw))[1])
+    post(url, {"prompt": "a", "max_tokens": 6, "temperature": 0})
+    assert set(widths) == {1} and batcher.widths == [1, 4, SLOTS]
+    widths.clear()
+    post(url, {"prompt": "a", "max_tokens": 6, "temperature": 0, "n": SLOTS})  # rows join as they are submitted
+    assert SLOTS in widths and set(widths) <= set(batcher.widths)
+
+
 def test_async_concurrent_and_sampled(served, greedy):
     _, url, _ = served
     aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
@@ -144,7 +180,9 @@ def post(url, body, **kw):
     ({"prompt": "a", "max_tokens": "5"}, "max_tokens"),
     ({"prompt": "a", "temperature": -1}, "temperature"),
     ({"prompt": "a", "frequency_penalty": 1}, "frequency_penalty"),
-    ({"prompt": [1, 2]}, "prompt"),
+    ({"prompt": [1, 10 ** 6]}, "prompt"),
+    ({"prompt": [[], "a"]}, "prompt"),
+    ({"prompt": [1.5]}, "prompt"),
     ({"max_tokens": 4}, "prompt"),
     ({"prompt": "a" * 40, "max_tokens": 1}, "prompt"),
     ({"prompt": "a", "max_tokens": 32}, "max_tokens"),

@@ -69,13 +69,26 @@ def _typed(body: dict) -> dict:
     return values
 
 
-def _prompts(prompt) -> list[str]:
+def _is_ids(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+
+
+def _prompts(prompt, tokenizer) -> tuple[list[str], list[list[int]]]:
+    """The prompts' texts and token ids: from a string, a list of strings, a list of token ids or a list of
+    such lists, as OpenAI takes them (lm-evaluation-harness sends token ids)."""
     if prompt is None:
-        raise ApiError("prompt is required: a string or a list of strings.", "prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ApiError("prompt must be a string or a non-empty list of strings (token ids are not taken).", "prompt")
-    return prompts
+        raise ApiError("prompt is required: a string, a list of strings, or token ids.", "prompt")
+    prompts = [prompt] if isinstance(prompt, str) or _is_ids(prompt) else prompt
+    if not prompts or not all(isinstance(p, str) or _is_ids(p) for p in prompts):
+        raise ApiError("prompt must be a string, a non-empty list of strings, a non-empty list of token ids, or a "
+                       "list of such lists.", "prompt")
+    V = tokenizer.vocab_size
+    for p in prompts:
+        if not isinstance(p, str) and not all(0 <= i < V for i in p):
+            raise ApiError(f"a token id of the prompt is out of the vocabulary: each must be from 0 to {V - 1}.",
+                           "prompt")
+    ids = [(tokenizer.encode(p) if isinstance(p, str) else list(p)) or [tokenizer.eot_id] for p in prompts]
+    return [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts], ids  # an empty prompt starts a document
 
 
 def parse_completion(body, tokenizer, context: int, slots: int) -> Completion:
@@ -83,7 +96,7 @@ def parse_completion(body, tokenizer, context: int, slots: int) -> Completion:
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object.")
     v = _typed(body)
-    prompts = _prompts(v["prompt"])
+    prompts, ids = _prompts(v["prompt"], tokenizer)
     try:
         check_sampling(v["max_tokens"], v["temperature"], v["top_k"], v["top_p"])
         stops = check_stops(v["stop"])
@@ -99,7 +112,6 @@ def parse_completion(body, tokenizer, context: int, slots: int) -> Completion:
     options = v["stream_options"] or {}
     if set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
         raise ApiError('stream_options takes one field, "include_usage", a boolean.', "stream_options")
-    ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]  # an empty prompt starts a document
     for p in ids:
         if len(p) + v["max_tokens"] > context:
             raise ApiError(f"the prompt has {len(p)} tokens and max_tokens is {v['max_tokens']}: together more than "

@@ -54,7 +54,8 @@ class Rows:
         for i, ids in enumerate(c.ids):
             for j in range(c.n):
                 self.rows.append(Request(ids, c.max_tokens, c.temperature, c.top_k, c.top_p, c.seed + j, c.stops,
-                                         self._emitter(len(self.rows))))
+                                         self._emitter(len(self.rows)), logprobs=c.logprobs is not None,
+                                         echo=c.echo))
         for r in self.rows:
             batcher.submit(r)
 
@@ -77,25 +78,38 @@ class Rows:
 
 
 class Logprobs:
-    """OpenAI's logprobs object of one choice: each token, its log-probability and where its text begins;
-    top_logprobs holds the token drawn alone."""
+    """OpenAI's logprobs object of one choice: each token, its log-probability, the `n` likeliest tokens at its
+    place (and the token itself, where it is not among them) and where its text begins; with `echo`, the prompt's
+    tokens first, the first of them with no log-probability (nothing comes before it)."""
 
-    def __init__(self, tokenizer, offset: int):
-        self.tokenizer, self.offset = tokenizer, offset
-        self.tokens, self.logps, self.offsets = [], [], []
+    def __init__(self, tokenizer, n: int):
+        self.tokenizer, self.n, self.offset = tokenizer, n, 0
+        self.tokens, self.logps, self.tops, self.offsets = [], [], [], []
 
-    def add(self, ids, logps) -> dict:
+    def _top(self, piece: str, logp: float, top) -> dict:
+        out = {}
+        for i, lp in top[:self.n]:
+            out.setdefault(self.tokenizer.decode([i]), lp)
+        out.setdefault(piece, logp)
+        return out
+
+    def add(self, ids, logps, tops) -> dict:
         start = len(self.tokens)
-        for i, lp in zip(ids, logps):
+        for i, lp, top in zip(ids, logps, tops):
             piece = self.tokenizer.decode([i])
-            self.tokens.append(piece), self.logps.append(lp), self.offsets.append(self.offset)
+            self.tokens.append(piece), self.offsets.append(self.offset)
+            self.logps.append(lp), self.tops.append(None if top is None else self._top(piece, lp, top))
             self.offset += len(piece)
         return self.since(start)
 
+    def prompt(self, ids, scores) -> dict:
+        """The prompt's tokens, their log-probabilities from the second on (`scores`, the Batcher's)."""
+        lps, tops = scores
+        return self.add(ids, [None, *lps], [None, *tops])
+
     def since(self, start: int = 0) -> dict:
         return {"tokens": self.tokens[start:], "token_logprobs": self.logps[start:],
-                "top_logprobs": [{t: lp} for t, lp in zip(self.tokens[start:], self.logps[start:])],
-                "text_offset": self.offsets[start:]}
+                "top_logprobs": self.tops[start:], "text_offset": self.offsets[start:]}
 
 
 class Server:
@@ -124,21 +138,31 @@ class Server:
         return api.ApiError(f"the server failed: {self.batcher.failure}; restart it.", status=500,
                             kind="server_error")
 
-    def _start(self, c: api.Completion, k: int) -> tuple[str, Logprobs | None]:
-        echo = c.prompts[k // c.n] if c.echo else ""
-        return echo, (Logprobs(self.model.tokenizer, len(echo)) if c.logprobs is not None else None)
+    def _logprobs(self, c: api.Completion) -> list[Logprobs | None]:
+        n = len(c.ids) * c.n
+        return [Logprobs(self.model.tokenizer, c.logprobs) if c.logprobs is not None else None for _ in range(n)]
+
+    def _echo(self, c: api.Completion, rows: Rows, k: int, lp: Logprobs | None) -> tuple[str, dict | None]:
+        """Row k's prompt as its choice begins with `echo`, and its logprobs (at the row's first event, when the
+        Batcher has scored the prompt)."""
+        if not c.echo:
+            return "", None
+        scores = rows.rows[k].prompt_scores
+        return c.prompts[k // c.n], lp.prompt(c.ids[k // c.n], scores) if lp and scores else None
 
     async def _whole(self, c: api.Completion, rows: Rows) -> dict:
-        starts = [self._start(c, k) for k in range(len(rows.rows))]
-        texts, reasons = [s[0] for s in starts], [None] * len(starts)
-        async for k, ids, logps, text, reason in rows.events_until_done():
+        lps = self._logprobs(c)
+        texts, reasons = [None] * len(lps), [None] * len(lps)
+        async for k, ids, logps, tops, text, reason in rows.events_until_done():
+            if texts[k] is None:
+                texts[k] = self._echo(c, rows, k, lps[k])[0]
             texts[k] += text
             reasons[k] = reason or reasons[k]
-            if starts[k][1]:
-                starts[k][1].add(ids, logps)
+            if lps[k]:
+                lps[k].add(ids, logps, tops)
         if "error" in reasons:
             raise self._failed()
-        choices = [api.choice(k, texts[k], reasons[k], s[1].since() if s[1] else None) for k, s in enumerate(starts)]
+        choices = [api.choice(k, texts[k], reasons[k], lp.since() if lp else None) for k, lp in enumerate(lps)]
         return api.envelope(api.new_id(), self.name, choices, self._usage(c, rows))
 
     def _usage(self, c: api.Completion, rows: Rows) -> dict:
@@ -146,18 +170,22 @@ class Server:
         return api.usage(prompt_tokens, sum(r.tokens for r in rows.rows))
 
     async def _stream(self, c: api.Completion, rows: Rows):
-        cid, starts = api.new_id(), [self._start(c, k) for k in range(len(rows.rows))]
+        cid, lps, sent = api.new_id(), self._logprobs(c), {}
         sse = lambda choices, **kw: f"data: {json.dumps(api.envelope(cid, self.name, choices, **kw))}\n\n"  # noqa: E731
-        for k, (echo, _) in enumerate(starts):
-            if echo:
-                yield sse([api.choice(k, echo, None)])
-        async for k, ids, logps, text, reason in rows.events_until_done():
+        async for k, ids, logps, tops, text, reason in rows.events_until_done():
             if reason == "error":
                 yield f"data: {json.dumps(self._failed().body())}\n\ndata: [DONE]\n\n"
                 return
-            lp = starts[k][1].add(ids, logps) if starts[k][1] else None
-            if text or reason:
-                yield sse([api.choice(k, text, reason, lp)])
+            if k not in sent:  # the row's first event: its echo first
+                echo, lp = self._echo(c, rows, k, lps[k])
+                sent[k] = len(lps[k].tokens) if lps[k] else 0
+                if echo:
+                    yield sse([api.choice(k, echo, None, lp)])
+            if lps[k]:
+                lps[k].add(ids, logps, tops)
+            if text or reason:  # the logprobs of tokens whose text a stop string held back come with the text
+                yield sse([api.choice(k, text, reason, lps[k].since(sent[k]) if lps[k] else None)])
+                sent[k] = len(lps[k].tokens) if lps[k] else 0
         if c.include_usage:
             yield sse([], usage=self._usage(c, rows))
         yield "data: [DONE]\n\n"
