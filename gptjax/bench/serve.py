@@ -4,8 +4,10 @@ A random model of a bench shape (gptjax.bench.sample.MODELS) is served in this p
 for each number of concurrent clients, that many clients stream the same set of requests (greedy,
 fixed prompt and completion lengths) and the table gives the tokens per second of the whole set, the
 time to the first token and the time between tokens (p50 and p99 over every request). One client is
-the requests one after another; the last line is `generate` at --slots prompts together, as
-`python -m gptjax.bench sample --batch 16` times it, without the server: its ceiling.
+the requests one after another. The last lines are `generate` without the server, at batch 1 and at
+--slots prompts together, as `python -m gptjax.bench sample --batch 1 16` times it, and the two ratios
+that say what the server adds: the throughput of --slots clients against generate's at that batch, and
+one client's time per token (p50) against generate's at batch 1.
 """
 
 from __future__ import annotations
@@ -85,17 +87,33 @@ def bench_serve(args) -> None:
     print(f"{args.model} shape, {args.requests} requests of {args.prompt_tokens} prompt and {args.new_tokens} new "
           f"tokens, {args.slots} slots")
     print(f"{'clients':>12} {'tokens/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'gap p50':>9} {'gap p99':>9}  (ms)")
+    figures = {}  # clients: (tokens/s, the time between tokens at p50 in ms)
     try:
         for clients in args.clients:
             seconds, results = asyncio.run(_load(url, [dict(body) for _ in range(args.requests)], clients))
             tokens = sum(len(r[1]) + 1 for r in results)
             print(_row(str(clients), seconds, tokens, results), flush=True)
+            figures[clients] = tokens / seconds, float(np.percentile([g * 1e3 for r in results for g in r[1]], 50))
     finally:
         server.should_exit = True
         batcher.close()
-    batch = [prompt] * args.slots
-    model.generate(batch, max_new_tokens=args.new_tokens, temperature=0)  # compiled, untimed
+    rows = {}  # batch: (tokens/s, ms per token) of generate without a server, the best of 3
+    for batch in dict.fromkeys((1, args.slots)):
+        prompts = [prompt] * batch
+        model.generate(prompts, max_new_tokens=args.new_tokens, temperature=0, batch_size=batch)  # compiled, untimed
+        best = min(_timed(lambda: model.generate(prompts, max_new_tokens=args.new_tokens, temperature=0,
+                                                 batch_size=batch)) for _ in range(3))
+        rows[batch] = batch * args.new_tokens / best, best / args.new_tokens * 1e3
+        print(f"{'generate':>12} {rows[batch][0]:10.0f} {'':>9} {'':>9} {rows[batch][1]:9.2f} {'':>9}  (batch {batch}, "
+              "no server)")
+    if args.slots in figures:
+        print(f"{args.slots} clients: {figures[args.slots][0] / rows[args.slots][0]:.0%} of generate's batch-{args.slots} "
+              "throughput")
+    if 1 in figures:
+        print(f"1 client: time per token {figures[1][1] / rows[1][1]:.2f}x generate's at batch 1")
+
+
+def _timed(fn) -> float:
     t0 = time.perf_counter()
-    model.generate(batch, max_new_tokens=args.new_tokens, temperature=0)
-    seconds = time.perf_counter() - t0
-    print(f"{'generate':>12} {args.slots * args.new_tokens / seconds:10.0f}  (batch {args.slots}, no server)")
+    fn()
+    return time.perf_counter() - t0

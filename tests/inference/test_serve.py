@@ -128,6 +128,21 @@ def test_one_request_decodes_one_row(served, monkeypatch):
     assert SLOTS in widths and set(widths) <= set(batcher.widths)
 
 
+def test_tokenizer_endpoints(served):
+    """vLLM's /tokenizer_info, /tokenize and /detokenize, which lm-evaluation-harness's remote tokenizer reads."""
+    model, url, _ = served
+    info = httpx.get(url + "/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == model.config.model.block_size
+    out = httpx.post(url + "/tokenize", json={"prompt": "ab<|endoftext|>c", "add_special_tokens": False}).json()
+    eot = model.tokenizer.eot_id
+    assert out["tokens"] == [*model.tokenizer.encode("ab"), eot, *model.tokenizer.encode("c")] and out["count"] == 4
+    assert httpx.post(url + "/detokenize", json={"tokens": out["tokens"]}).json()["prompt"] == "ab<|endoftext|>c"
+    for path, body, param in (("/tokenize", {"prompt": 3}, "prompt"), ("/tokenize", {"text": "a"}, "text"),
+                              ("/detokenize", {"tokens": [10 ** 7]}, "tokens"), ("/detokenize", {}, "tokens")):
+        r = httpx.post(url + path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_async_concurrent_and_sampled(served, greedy):
     _, url, _ = served
     aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)

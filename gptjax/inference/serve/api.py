@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from gptjax.config import check_sampling
 from gptjax.errors import UserError
 from gptjax.inference.stops import check_stops
+from gptjax.tokenizer import ENDOFTEXT
 
 # field: (the types it takes, its default); OpenAI's other fields are refused by name
 FIELDS = {
@@ -140,3 +141,58 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+# The tokenizer endpoints vLLM serves, which lm-evaluation-harness's `tokenizer_backend=remote` reads: the
+# harness then counts and cuts its requests with the served model's own tokenizer, whichever it is.
+
+def tokenizer_info(tokenizer, context: int) -> dict:
+    return {"tokenizer_class": "tiktoken", "name": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+            "eos_token": ENDOFTEXT, "bos_token": ENDOFTEXT, "pad_token": None, "chat_template": None,
+            "model_max_length": context}
+
+
+def _fields(body, allowed: dict) -> dict:
+    if not isinstance(body, dict):
+        raise ApiError("the request body must be a JSON object.")
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise ApiError(f"unknown field {unknown[0]!r}; this endpoint takes {', '.join(allowed)}.", unknown[0])
+    for name, (kind, what) in allowed.items():
+        if name in body and not kind(body[name]):
+            raise ApiError(f"{name} must be {what}, got {body[name]!r}.", name)
+    return body
+
+
+_MODEL = (lambda v: isinstance(v, str), "a string")
+
+
+def tokenize(body, tokenizer, context: int) -> dict:
+    """POST /tokenize {"prompt": text}: its token ids; the end-of-text token's own text is that token."""
+    v = _fields(body, {"model": _MODEL, "prompt": (lambda v: isinstance(v, str), "a string"),
+                       "add_special_tokens": (lambda v: isinstance(v, bool), "a boolean")})
+    if "prompt" not in v:
+        raise ApiError("prompt is required: the text to tokenize.", "prompt")
+    parts = v["prompt"].split(ENDOFTEXT)
+    ids = tokenizer.encode(parts[0])
+    for part in parts[1:]:
+        ids += [tokenizer.eot_id, *tokenizer.encode(part)]
+    return {"tokens": ids, "count": len(ids), "max_model_len": context}
+
+
+def detokenize(body, tokenizer) -> dict:
+    """POST /detokenize {"tokens": ids}: their text, the end-of-text token written as its own text."""
+    v = _fields(body, {"model": _MODEL, "tokens": (_is_ids, "a non-empty list of token ids")})
+    if "tokens" not in v:
+        raise ApiError("tokens is required: the token ids to turn into text.", "tokens")
+    if not all(0 <= i < tokenizer.vocab_size for i in v["tokens"]):
+        raise ApiError(f"a token id is out of the vocabulary: each must be from 0 to {tokenizer.vocab_size - 1}.",
+                       "tokens")
+    pieces, run = [], []
+    for i in [*v["tokens"], tokenizer.eot_id]:
+        if i == tokenizer.eot_id:
+            pieces.append(tokenizer.decode(run))
+            run = []
+        else:
+            run.append(i)
+    return {"prompt": ENDOFTEXT.join(pieces)}

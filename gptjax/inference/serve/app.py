@@ -194,6 +194,21 @@ class Server:
         return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model", "created": 0,
                                                          "owned_by": "gptjax"}]})
 
+    async def tokenizer_info(self, request: HttpRequest):
+        return JSONResponse(api.tokenizer_info(self.model.tokenizer, self.context))
+
+    async def tokenize(self, request: HttpRequest):
+        try:
+            return JSONResponse(api.tokenize(await _json_body(request), self.model.tokenizer, self.context))
+        except api.ApiError as e:
+            return error(e)
+
+    async def detokenize(self, request: HttpRequest):
+        try:
+            return JSONResponse(api.detokenize(await _json_body(request), self.model.tokenizer))
+        except api.ApiError as e:
+            return error(e)
+
     async def health(self, request: HttpRequest):
         if self.batcher.failure:
             return error(api.ApiError(f"the server failed: {self.batcher.failure}.", status=503, kind="server_error"))
@@ -236,6 +251,7 @@ def make_app(model, batcher: Batcher, name: str, api_key: str | None = None):
     s = Server(model, batcher, name)
     routes = [Route("/v1/completions", s.completions, methods=["POST"]), Route("/v1/models", s.models),
               Route("/health", s.health), Route("/v1/chat/completions", s.chat, methods=["POST"]),
-              Route("/", s.playground)]
+              Route("/tokenizer_info", s.tokenizer_info), Route("/tokenize", s.tokenize, methods=["POST"]),
+              Route("/detokenize", s.detokenize, methods=["POST"]), Route("/", s.playground)]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal})
     return Auth(app, api_key)
