@@ -32,7 +32,7 @@ $("go").onclick = async () => {
   for (const k of ["max_tokens", "top_k", "seed"]) body[k] = parseInt($(k).value, 10);
   for (const k of ["temperature", "top_p"]) body[k] = parseFloat($(k).value);
   const out = $("out");
-  out.textContent = body.prompt; out.className = "";
+  out.textContent = body.prompt; out.className = ""; out.dataset.state = "streaming";
   controller = new AbortController(); $("go").disabled = true; $("stop").disabled = false;
   try {
     const r = await fetch("v1/completions", {method: "POST", headers: headers(), body: JSON.stringify(body),
@@ -52,7 +52,7 @@ $("go").onclick = async () => {
       }
     }
   } catch (e) { if (e.name !== "AbortError") { out.textContent += "\\n" + e; out.className = "err"; } }
-  finally { $("go").disabled = false; $("stop").disabled = true; controller = null; }
+  finally { $("go").disabled = false; $("stop").disabled = true; controller = null; out.dataset.state = "done"; }
 };
 </script></body></html>
 """
