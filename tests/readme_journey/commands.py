@@ -71,6 +71,10 @@ EXCLUDED = {
         "(tests/eval/test_harness.py runs lm_eval --model gptjax offline on local tasks)",
     "lm_eval --model gptjax --model_args path=hf:gpt2,stride=512 --tasks wikitext":
         "a download: the harness fetches WikiText from the Hugging Face hub",
+    "lm_eval --model local-completions --model_args base_url=http://localhost:8000/v1/completions,model=run,"
+    "tokenizer_backend=remote,max_length=1024,num_concurrent=8 --tasks hellaswag":
+        "a download and a server: the harness fetches HellaSwag, and asks the server above, which CI does not start "
+        "(tests/eval/test_harness.py runs local-completions against a served model on local tasks)",
     "python train.py --train.wandb=my-gpts --train.wandb_tags=stdlib,cpu --out_dir=out/stdlib":
         "a W&B login: without one W&B refuses to start the run; offline mode is WANDB_MODE=offline, an environment "
         "variable rather than an appended option (tests/train/test_run_logs.py trains into an offline W&B run and reads "
