@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import socket
 import threading
 import time
@@ -69,6 +70,13 @@ async def _load(url: str, bodies: list[dict], clients: int):
         return time.perf_counter() - t0, results
 
 
+def _clients(conn, url: str, body: dict, requests: int, counts: list[int]) -> None:
+    """The load, run in its own process: for each count of concurrent clients, the seconds and the results."""
+    for clients in counts:
+        conn.send(asyncio.run(_load(url, [dict(body) for _ in range(requests)], clients)))
+    conn.close()
+
+
 def _row(name: str, seconds: float, tokens: int, results) -> str:
     ttft = [r[0] * 1e3 for r in results]
     gaps = [g * 1e3 for r in results for g in r[1]] or [0.0]
@@ -88,13 +96,20 @@ def bench_serve(args) -> None:
           f"tokens, {args.slots} slots")
     print(f"{'clients':>12} {'tokens/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'gap p50':>9} {'gap p99':>9}  (ms)")
     figures = {}  # clients: (tokens/s, the time between tokens at p50 in ms)
+    # the clients in a process of their own, as a server's clients are: their parsing holds no lock of the server's
+    spawn = multiprocessing.get_context("spawn")
+    ours, theirs = spawn.Pipe()
+    clients_process = spawn.Process(target=_clients, args=(theirs, url, body, args.requests, args.clients))
+    clients_process.start()
     try:
         for clients in args.clients:
-            seconds, results = asyncio.run(_load(url, [dict(body) for _ in range(args.requests)], clients))
+            seconds, results = ours.recv()
             tokens = sum(len(r[1]) + 1 for r in results)
             print(_row(str(clients), seconds, tokens, results), flush=True)
             figures[clients] = tokens / seconds, float(np.percentile([g * 1e3 for r in results for g in r[1]], 50))
     finally:
+        clients_process.join(timeout=5)
+        clients_process.kill()
         server.should_exit = True
         batcher.close()
     rows = {}  # batch: (tokens/s, ms per token) of generate without a server, the best of 3
