@@ -14,6 +14,7 @@ one window, one stride and a piece of a document, whatever the size of the text.
 
 from __future__ import annotations
 
+import glob
 import math
 import time
 from collections.abc import Callable
@@ -21,7 +22,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from gptjax.data.sources import Problems, Reader
+from gptjax import paths
+from gptjax.data.shards import read_meta
+from gptjax.data.sources import Problems, Reader, corpus_files
 from gptjax.data.workers import encode_chunk
 from gptjax.errors import UserError
 from gptjax.model.score import Scorer, sliding_windows
@@ -95,3 +98,47 @@ def check_stride(stride: int, block_size: int) -> int:
                         f"{block_size} tokens) and the context, {block_size} (windows that do not overlap); "
                         "0 takes half the context.")
     return stride
+
+
+def parse_texts(spec: str) -> list[tuple[str, str]]:
+    """--text as (name, spec) pairs: one text as it is, named "" (a spec that names files, or whose start is not
+    NAME=), or several named ones, NAME=TEXT,... as --data.mix names its sources (a text cannot contain ',')."""
+    if not spec:
+        return []
+    name = spec.split(",")[0].partition("=")[0]
+    if "=" not in spec or "/" in name or _names_files(spec):
+        return [("", spec)]
+    texts, seen = [], set()
+    for entry in (e.strip() for e in spec.split(",")):
+        name, eq, text = (part.strip() for part in entry.partition("="))
+        if not (eq and name and text):
+            raise UserError(f"--text entry {entry!r} is not NAME=TEXT: several texts are named each, e.g. "
+                            "--text='web=held_out/web,code=held_out/code' (a text cannot contain ',').")
+        if name in seen:
+            raise UserError(f"--text names the text {name!r} twice; each text needs a name of its own.")
+        seen.add(name)
+        texts.append((name, text))
+    return texts
+
+
+def _names_files(spec: str) -> bool:
+    path = paths.expand(spec)
+    return path.exists() or (glob.has_magic(spec) and bool(glob.glob(paths.expand_text(spec), recursive=True)))
+
+
+def text_files(name: str, spec: str) -> list:
+    """The files of one --text, as gptjax.data.sources.corpus_files lists them; a prepared shard folder is refused."""
+    option = f"--text {name}" if name else "--text"
+    if read_meta(paths.expand(spec)) is not None:
+        raise UserError(f"{option} {spec} is a folder of prepared shards (token ids, not text): give the corpus it "
+                        "was prepared from, a file, a folder or a glob of text, JSON Lines or Parquet files.")
+    return corpus_files(spec, option=option)
+
+
+def overall(scores: list[TextScore]) -> dict:
+    """Several texts' figures as one text's: the loss over all their tokens, bits per byte over all their bytes
+    (each text's own weighted by its bytes)."""
+    tokens, nbytes = sum(s.tokens for s in scores), sum(s.bytes for s in scores)
+    nll = sum(s.loss * s.tokens for s in scores)
+    return {"tokens": tokens, "bytes": nbytes, "documents": sum(s.documents for s in scores), "loss": nll / tokens,
+            "perplexity": math.exp(nll / tokens), "bits_per_byte": nll / math.log(2) / nbytes if nbytes else None}

@@ -207,6 +207,8 @@ def test_training_scores_tasks_and_the_command_line_evaluates(task_run, tmp_path
     assert f"error: {task}:2: \"label\" 5 is out of range" in proc.stderr
     proc = run_eval(run)
     assert proc.returncode == 2 and "nothing to evaluate" in proc.stderr
+    proc = run_eval(run, f"--text=code={corpus},code={corpus}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "names the text 'code' twice" in proc.stderr
 
 
 def test_text_perplexity_agrees_with_transformers(tmp_path, monkeypatch):
@@ -267,3 +269,80 @@ def test_the_progress_line_writes_to_standard_error_as_it_is_now(monkeypatch):
     now = io.StringIO()
     monkeypatch.setattr(sys, "stderr", now)
     assert ProgressLine().stream is now and not ProgressLine().shown
+
+
+def test_text_specs_are_one_text_or_named_ones(tmp_path, monkeypatch):
+    from gptjax.eval.text import parse_texts
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lang=en").mkdir()
+    (tmp_path / "lang=en" / "a.txt").write_text("a\n")
+    assert parse_texts("held_out.txt") == [("", "held_out.txt")]  # a text as today, even one that is not there
+    assert parse_texts("a,b.txt") == [("", "a,b.txt")]
+    # a path with '=' that names files is one text
+    assert parse_texts("lang=en/*.txt") == [("", "lang=en/*.txt")] and parse_texts("lang=en") == [("", "lang=en")]
+    assert parse_texts("data/k=v/*.txt") == [("", "data/k=v/*.txt")]
+    assert parse_texts("web=shards/web, code = corpora/code ") == [("web", "shards/web"), ("code", "corpora/code")]
+    assert parse_texts("web=a=b.txt") == [("web", "a=b.txt")]
+
+
+@pytest.mark.parametrize("text, says", [
+    ("web=a.txt,web=b.txt", "names the text 'web' twice"),
+    ("=a.txt", "'=a.txt' is not NAME=TEXT"),
+    ("web=a.txt,b.txt", "'b.txt' is not NAME=TEXT"),
+    ("web=", "'web=' is not NAME=TEXT"),
+    ("web=a.txt,code=missing", "--text code missing does not exist"),
+    ("web=a.txt,code=shards", "--text code shards is a folder of prepared shards (token ids, not text)"),
+])
+def test_bad_named_texts_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, text, says):
+    from gptjax.eval.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("a\n")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "meta.json").write_text('{"tokenizer": "byte"}')
+    with pytest.raises(SystemExit) as e:
+        main(["no_run", f"--text={text}"], as_script=False)  # no checkpoint there: never read
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and says in err, err
+
+
+def test_the_text_option_given_twice_is_refused(capsys):
+    from gptjax.eval.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["out/run", "--text=a.txt", "--text", "b.txt"], as_script=False)
+    assert e.value.code == 2 and "--text is given more than once" in capsys.readouterr().err
+
+
+def test_named_texts_score_as_each_alone_and_all_by_bytes(task_run, tmp_path, capsys):
+    """Each named text's figures are those of the text scored alone; all of them together are one text's: bits
+    per byte over all the bytes (the texts' own, weighted by their bytes), the loss over all the tokens."""
+    from gptjax.eval.__main__ import main
+
+    run, corpus = str(task_run.run), task_run.corpus
+    prose = tmp_path / "prose.jsonl"
+    prose.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    code = f"{corpus}/doc00*.py"
+    alone = {name: main([run, f"--text={spec}", "--stride=8"], as_script=False)["text"]
+             for name, spec in (("code", code), ("prose", prose))}
+    out = tmp_path / "figures.json"
+    capsys.readouterr()
+    results = main([run, f"--text=code={code},prose={prose}", "--stride=8", f"--output={out}"], as_script=False)
+    shown = capsys.readouterr().out
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    figures = results["texts"]
+    assert list(figures) == ["code", "prose"] and figures["prose"]["text"] == str(prose)
+    for name in figures:
+        same = ("tokens", "bytes", "documents", "loss", "perplexity", "bits_per_byte", "problems")
+        assert {k: figures[name][k] for k in same} == {k: alone[name][k] for k in same}
+    total = results["text"]
+    nbytes = alone["code"]["bytes"] + alone["prose"]["bytes"]
+    assert total["bytes"] == nbytes and total["tokens"] == alone["code"]["tokens"] + alone["prose"]["tokens"]
+    assert total["bits_per_byte"] == pytest.approx(
+        sum(alone[n]["bits_per_byte"] * alone[n]["bytes"] for n in alone) / nbytes, rel=1e-12)
+    assert total["loss"] == pytest.approx(sum(alone[n]["loss"] * alone[n]["tokens"] for n in alone) / total["tokens"])
+    rows = {line.split()[0]: line.split() for line in shown.splitlines() if line.split()[:1] in (["code"], ["prose"],
+                                                                                                   ["all"])}
+    assert rows["prose"][6] == f"{alone['prose']['bits_per_byte']:.4f}"
+    assert rows["all"][6] == f"{total['bits_per_byte']:.4f}" and rows["all"][1] == f"{total['tokens']:,}"
