@@ -67,7 +67,9 @@ def mixed(tmp_path_factory):
     root = tmp_path_factory.mktemp("mix")
     make_corpus(root / "code")
     _prose(root / "prose")
-    full = train(mix_config(root, "full"), log=quiet)
+    shown = []
+    full = train(mix_config(root, "full"), log=shown.append)
+    (root / "full.log").write_text("\n".join(shown) + "\n")
     part = train(mix_config(root, "part"), log=quiet, stop_after=4)
     rest = train(mix_config(root, "part", resume=True), log=quiet)
     return root, full, part, rest
@@ -87,6 +89,17 @@ def test_a_mixture_trains_and_reports_each_source(mixed):
     steps = [r for r in records if "loss" in r and "val_loss" not in r]
     assert all(r["epochs/code"] > 0 and r["epochs/prose"] > 0 for r in steps)
     assert steps[-1]["epochs/prose"] > steps[0]["epochs/prose"]
+
+
+def test_the_progress_line_shows_each_sources_epochs(mixed):
+    root = mixed[0]
+    steps = {r["step"]: r for r in map(json.loads, (root / "full" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r and "val_loss" not in r}
+    lines = [line for line in (root / "full.log").read_text().splitlines() if " tok/s " in line]
+    assert len(lines) == len(steps) == 4, lines
+    for line in lines:
+        r = steps[int(line.split()[1])]
+        assert line.endswith(f" | epochs code {r['epochs/code']:.2f} prose {r['epochs/prose']:.2f}"), line
 
 
 def test_a_mixture_resumes_exactly_across_a_schedule_change(mixed):
@@ -207,3 +220,4 @@ def test_tensorboard_holds_each_sources_figures(mixed):
     events = EventAccumulator(str(mixed[0] / "full" / "tensorboard"))
     events.Reload()
     assert {"val_bpb/code", "val_bpb/prose", "val_loss/code", "epochs/prose"} <= set(events.Tags()["scalars"])
+
