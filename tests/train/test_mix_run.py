@@ -221,3 +221,34 @@ def test_tensorboard_holds_each_sources_figures(mixed):
     events.Reload()
     assert {"val_bpb/code", "val_bpb/prose", "val_loss/code", "epochs/prose"} <= set(events.Tags()["scalars"])
 
+
+def test_a_fine_tune_trains_on_a_mixture(mixed):
+    """--train.init_from with --data.mix: the source's weights, tokenizer and shape, then the mixture's batches.
+    At step 0 each source's validation is the source run's last (the same splits, batches and weights)."""
+    root = mixed[0]
+    cfg = mix_config(root, "tuned", init_from=str(root / "full"), max_steps=3, eval_interval=3, ckpt_interval=3)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layer=1, n_embd=16))  # the source's wins
+    tuned = train(cfg, log=quiet)
+    assert sorted(tuned["loss"]) == [1, 2, 3]
+    evals = {run: {r["step"]: r for r in map(json.loads, (root / run / "metrics.jsonl").read_text().splitlines())
+                   if "val_loss" in r} for run in ("full", "tuned")}
+    for name in ("code", "prose"):
+        assert evals["tuned"][0][f"val_loss/{name}"] == evals["full"][12][f"val_loss/{name}"]
+    assert evals["tuned"][3]["val_loss/code"] < evals["tuned"][0]["val_loss/code"]
+
+
+def test_a_fine_tune_refuses_a_prepared_source_of_another_tokenizer_than_its_source(mixed, tmp_path):
+    root = mixed[0]
+    shards = tmp_path / "gpt2_shards"
+    shards.mkdir()
+    meta = json.loads((root / "full" / "data" / "code" / "meta.json").read_text())
+    (shards / "meta.json").write_text(json.dumps({**meta, "tokenizer": "gpt2"}))
+    cfg = mix_config(root, "tuned_gpt2", init_from=str(root / "full"))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer="gpt2", mix_schedule="",
+                                                            mix=f"code={shards}:1,prose={root / 'prose'}:1"))
+    before = _tree(root)
+    with pytest.raises(UserError, match=r"gpt2 tokenizer, but this run uses byte, the tokenizer of the model it "
+                                         r"starts from \(--train.init_from\)") as e:
+        set_up(cfg, log=quiet)
+    assert "Prepare it again with --data.tokenizer=byte" in str(e.value)
+    assert _tree(root) == before
