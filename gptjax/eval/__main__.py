@@ -81,13 +81,17 @@ def main(argv: list[str]) -> dict:
     cfg = parse(argv)
     tune_for_cpu()  # before JAX starts: a batch's logits are large buffers, as in training
     from gptjax.eval.tasks import read_tasks, score_task, summary
-    from gptjax.eval.text import check_stride, overall, parse_texts, score_text, text_files
+    from gptjax.eval.text import (check_stride, find_text, mixture_texts, overall, parse_texts, score_shards,
+                                  score_text)
     from gptjax.inference.pretrained import load
     from gptjax.model.products import explain_dtype
     from gptjax.model.score import Scorer
 
-    texts = [(name, spec, text_files(name, spec)) for name, spec in parse_texts(cfg.text)]  # before the model loads
+    own_mix = cfg.text == "mix" and not paths.expand("mix").exists()  # a text of that name is read as one
+    texts = [] if own_mix else [find_text(name, spec) for name, spec in parse_texts(cfg.text)]  # before the model
     model = load(cfg.checkpoint, None if cfg.step < 0 else cfg.step, None if cfg.dtype == "checkpoint" else cfg.dtype)
+    if own_mix:
+        texts = mixture_texts(model.config, model.path)
     T = model.config.model.block_size
     stride = check_stride(cfg.stride, T)
     tasks = read_tasks(cfg.task, model.tokenizer, T) if cfg.task else []
@@ -99,13 +103,17 @@ def main(argv: list[str]) -> dict:
                "settings": {"text": cfg.text, "text_field": cfg.text_field, "stride": stride, "context": T,
                             "batch_size": cfg.batch_size, "task": cfg.task}}
     scores = []
-    for name, spec, files in texts:
-        progress = ProgressLine(name)
-        score, problems = score_text(scorer, files, model.tokenizer, stride, cfg.text_field, progress.update)
+    for text in texts:
+        progress = ProgressLine(text.name)
+        if text.shards is not None:  # tokens as they are: no document to skip
+            score, problems = score_shards(scorer, text, model.tokenizer, stride, progress.update), None
+        else:
+            score, problems = score_text(scorer, text.files, model.tokenizer, stride, cfg.text_field, progress.update)
         progress.close()
-        for line in problems.lines():
-            print(f"warning: {f'{name}: ' if name else ''}{line}", file=sys.stderr)
-        scores.append((name, spec, score, {**score.as_dict(), "problems": problems.state()["counts"]}))
+        for line in problems.lines() if problems else ():
+            print(f"warning: {f'{text.name}: ' if text.name else ''}{line}", file=sys.stderr)
+        scores.append((text.name, text.spec, score,
+                       {**score.as_dict(), "problems": problems.state()["counts"] if problems else {}}))
     if len(scores) == 1 and not scores[0][0]:  # one text, unnamed
         _, _, score, results["text"] = scores[0]
         bpb = f"{score.bits_per_byte:.4f}" if score.bits_per_byte is not None else "n/a (no bytes)"

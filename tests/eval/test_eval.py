@@ -1,6 +1,7 @@
 """Evaluation: text scoring in sliding windows and zero-shot tasks, against direct forward passes;
 python -m gptjax.eval as a person runs it."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -292,15 +293,12 @@ def test_text_specs_are_one_text_or_named_ones(tmp_path, monkeypatch):
     ("web=a.txt,b.txt", "'b.txt' is not NAME=TEXT"),
     ("web=", "'web=' is not NAME=TEXT"),
     ("web=a.txt,code=missing", "--text code missing does not exist"),
-    ("web=a.txt,code=shards", "--text code shards is a folder of prepared shards (token ids, not text)"),
 ])
 def test_bad_named_texts_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, text, says):
     from gptjax.eval.__main__ import main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a.txt").write_text("a\n")
-    (tmp_path / "shards").mkdir()
-    (tmp_path / "shards" / "meta.json").write_text('{"tokenizer": "byte"}')
     with pytest.raises(SystemExit) as e:
         main(["no_run", f"--text={text}"], as_script=False)  # no checkpoint there: never read
     err = capsys.readouterr().err
@@ -346,3 +344,69 @@ def test_named_texts_score_as_each_alone_and_all_by_bytes(task_run, tmp_path, ca
                                                                                                    ["all"])}
     assert rows["prose"][6] == f"{alone['prose']['bits_per_byte']:.4f}"
     assert rows["all"][6] == f"{total['bits_per_byte']:.4f}" and rows["all"][1] == f"{total['tokens']:,}"
+
+
+@pytest.fixture(scope="module")
+def mix_run(tmp_path_factory):
+    """A tiny model trained 2 steps on a mixture of two corpora, each prepared into <run>/data/<NAME>."""
+    from gptjax.config import DataConfig
+    from gptjax.train.trainer import train
+    from conftest import make_corpus
+
+    root = tmp_path_factory.mktemp("mix_run")
+    make_corpus(root / "code")
+    (root / "prose").mkdir()
+    for i in range(20):
+        (root / "prose" / f"p{i:02d}.txt").write_text(DOCS[1] * (1 + i % 3) + f"n° {i}\n")
+    cfg = tiny_config(root / "run", "", max_steps=2, eval_interval=2, ckpt_interval=2, eval_batches=1)
+    cfg = dataclasses.replace(cfg, data=DataConfig(mix=f"code={root / 'code'}:1,prose={root / 'prose'}:1",
+                                                   tokenizer="byte", val_fraction=0.2))
+    train(cfg, log=lambda m: None)
+    return root
+
+
+def val_documents(folder, out):
+    """A byte-level shard folder's validation documents written back as JSON Lines text."""
+    meta = json.loads((folder / "meta.json").read_text())
+    ids = np.fromfile(folder / "val.bin", dtype=meta["dtype"])
+    ends = np.flatnonzero(ids == meta["eot_id"])  # each document is followed by end-of-text
+    assert len(ends) > 1 and ends[-1] == len(ids) - 1
+    docs = [bytes(ids[a:b].astype(np.uint8)) for a, b in zip([0, *(ends[:-1] + 1)], ends)]
+    out.write_text("".join(json.dumps({"text": d.decode()}) + "\n" for d in docs))
+    return out
+
+
+def test_shards_score_their_validation_split_as_its_text(mix_run, tmp_path):
+    """A folder of prepared shards is scored on its validation split: the figures of its documents as text.
+    --text=mix scores each source of the run's mixture so, by name."""
+    from gptjax.eval.__main__ import main
+
+    run, same = str(mix_run / "run"), ("tokens", "bytes", "documents", "loss", "perplexity", "bits_per_byte")
+    mixed = main([run, "--text=mix", "--stride=8"], as_script=False)
+    assert list(mixed["texts"]) == ["code", "prose"]
+    for name in ("code", "prose"):
+        folder = mix_run / "run" / "data" / name
+        as_text = main([run, f"--text={val_documents(folder, tmp_path / f'{name}.jsonl')}", "--stride=8"],
+                       as_script=False)["text"]
+        as_shards = main([run, f"--text={folder}", "--stride=8"], as_script=False)["text"]
+        assert {k: as_shards[k] for k in same} == {k: as_text[k] for k in same} == {k: mixed["texts"][name][k]
+                                                                                    for k in same}
+        assert mixed["texts"][name]["text"] == str(folder)
+    assert mixed["text"]["bytes"] == sum(mixed["texts"][n]["bytes"] for n in ("code", "prose"))
+
+
+def test_shards_of_another_tokenizer_and_mix_without_a_mixture_are_refused(mix_run, task_run, tmp_path, capsys):
+    from gptjax.eval.__main__ import main
+
+    shards = tmp_path / "gpt2"
+    shards.mkdir()
+    meta = json.loads((mix_run / "run" / "data" / "code" / "meta.json").read_text())
+    (shards / "meta.json").write_text(json.dumps({**meta, "tokenizer": "gpt2"}))
+    for run, text, says in ((mix_run / "run", f"code={shards}", f"--text code {shards} holds shards of the gpt2 "
+                             "tokenizer, but the model reads byte tokens: give the corpus"),
+                            (task_run.run, "mix", f"--text=mix scores the sources of a mixture's run, but "
+                             f"{task_run.run} was not trained on a --data.mix")):
+        with pytest.raises(SystemExit) as e:
+            main([str(run), f"--text={text}"], as_script=False)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err, err
