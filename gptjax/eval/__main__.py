@@ -12,13 +12,12 @@ from gptjax import paths
 
 from gptjax.config import EvalConfig
 from gptjax.runtime.cpu import tune_for_cpu
-from gptjax.data.sources import corpus_files
 from gptjax.errors import UserError, cli
 from gptjax.options import parse_flat, to_dict
 
-INTRO = ("Evaluate a checkpoint: loss, perplexity and bits per byte of a text or of named texts (--text), accuracy on zero-shot task "
-         "files (--task). The checkpoint is the first argument: a run directory, a checkpoint step directory or "
-         "hf:DIR.")
+INTRO = ("Evaluate a checkpoint: loss, perplexity and bits per byte of a text or of named texts (--text), accuracy "
+         "on zero-shot task files (--task). The checkpoint is the first argument: a run directory, a checkpoint step "
+         "directory or hf:DIR.")
 
 
 class ProgressLine:
@@ -34,8 +33,9 @@ class ProgressLine:
             rate = tokens / max(time.perf_counter() - self.start, 1e-9)
             width = 24
             filled = int(width * min(share, 1.0))
-            self.stream.write(f"\r\033[Kscoring {self.name + ' ' if self.name else ''}[{'#' * filled}{'.' * (width - filled)}] {share:4.0%} of the input | "
-                              f"{tokens:,} tokens | {rate:,.0f} tok/s")
+            name = f"{self.name} " if self.name else ""
+            self.stream.write(f"\r\033[Kscoring {name}[{'#' * filled}{'.' * (width - filled)}] {share:4.0%} of the "
+                              f"input | {tokens:,} tokens | {rate:,.0f} tok/s")
             self.stream.flush()
 
     def close(self) -> None:
