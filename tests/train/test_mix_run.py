@@ -252,3 +252,28 @@ def test_a_fine_tune_refuses_a_prepared_source_of_another_tokenizer_than_its_sou
         set_up(cfg, log=quiet)
     assert "Prepare it again with --data.tokenizer=byte" in str(e.value)
     assert _tree(root) == before
+
+
+def test_a_fine_tune_refuses_a_prepared_source_of_another_learned_bpe(mixed, tmp_path):
+    """A learned bpe is the source model's: a prepared source whose bpe was learned apart is refused before anything
+    is prepared, and a mixture of corpora is tokenized with the source's bpe (none learned for it)."""
+    from gptjax.data.pipeline import prepare
+
+    root = mixed[0]
+    bpe = DataConfig(corpus=str(root / "prose"), tokenizer="bpe", bpe_vocab=512, val_fraction=0.1)
+    source = tiny_config(tmp_path / "source", str(root / "prose"), max_steps=1, eval_interval=1, ckpt_interval=1)
+    train(dataclasses.replace(source, data=bpe), log=quiet)
+    prepare(dataclasses.replace(bpe, corpus=str(root / "code")), tmp_path / "code_bpe", log=quiet)  # learned apart
+    cfg = mix_config(root, "tuned_bpe", init_from=str(tmp_path / "source"), max_steps=1, eval_interval=1,
+                     ckpt_interval=1)
+    apart = f"code={tmp_path / 'code_bpe'}:1,prose={root / 'prose'}:1"
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mix_schedule="", mix=apart))
+    with pytest.raises(UserError, match="another learned bpe tokenizer than the fine-tune's source"):
+        set_up(cfg, log=quiet)
+    assert not (root / "tuned_bpe" / "data" / "prose").exists()
+    corpora = f"code={root / 'code'}:1,prose={root / 'prose'}:1"
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mix=corpora))
+    train(cfg, log=quiet)
+    source_tokens = (tmp_path / "source" / "data" / "tokenizer.tiktoken").read_text()
+    assert (root / "tuned_bpe" / "data" / "code" / "tokenizer.tiktoken").read_text() == source_tokens
+    assert not (root / "tuned_bpe" / "data" / "mix-tokenizer.json").exists()
