@@ -272,6 +272,15 @@ def test_the_progress_line_writes_to_standard_error_as_it_is_now(monkeypatch):
     assert ProgressLine().stream is now and not ProgressLine().shown
 
 
+@pytest.fixture
+def eval_main(monkeypatch):
+    """python -m gptjax.eval's main, run in this process, whose CPU settings it must leave as they are."""
+    from gptjax.eval.__main__ import main
+
+    monkeypatch.setenv("GPTJAX_CPU_TUNING", "off")
+    return lambda *args: main([str(a) for a in args], as_script=False)
+
+
 def test_text_specs_are_one_text_or_named_ones(tmp_path, monkeypatch):
     from gptjax.eval.text import parse_texts
 
@@ -294,39 +303,33 @@ def test_text_specs_are_one_text_or_named_ones(tmp_path, monkeypatch):
     ("web=", "'web=' is not NAME=TEXT"),
     ("web=a.txt,code=missing", "--text code missing does not exist"),
 ])
-def test_bad_named_texts_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, text, says):
-    from gptjax.eval.__main__ import main
-
+def test_bad_named_texts_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, eval_main, text, says):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a.txt").write_text("a\n")
     with pytest.raises(SystemExit) as e:
-        main(["no_run", f"--text={text}"], as_script=False)  # no checkpoint there: never read
+        eval_main("no_run", f"--text={text}")  # no checkpoint there: never read
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and says in err, err
 
 
-def test_the_text_option_given_twice_is_refused(capsys):
-    from gptjax.eval.__main__ import main
-
+def test_the_text_option_given_twice_is_refused(capsys, eval_main):
     with pytest.raises(SystemExit) as e:
-        main(["out/run", "--text=a.txt", "--text", "b.txt"], as_script=False)
+        eval_main("out/run", "--text=a.txt", "--text", "b.txt")
     assert e.value.code == 2 and "--text is given more than once" in capsys.readouterr().err
 
 
-def test_named_texts_score_as_each_alone_and_all_by_bytes(task_run, tmp_path, capsys):
+def test_named_texts_score_as_each_alone_and_all_by_bytes(task_run, tmp_path, capsys, eval_main):
     """Each named text's figures are those of the text scored alone; all of them together are one text's: bits
     per byte over all the bytes (the texts' own, weighted by their bytes), the loss over all the tokens."""
-    from gptjax.eval.__main__ import main
-
-    run, corpus = str(task_run.run), task_run.corpus
+    run, corpus = task_run.run, task_run.corpus
     prose = tmp_path / "prose.jsonl"
     prose.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
     code = f"{corpus}/doc00*.py"
-    alone = {name: main([run, f"--text={spec}", "--stride=8"], as_script=False)["text"]
+    alone = {name: eval_main(run, f"--text={spec}", "--stride=8")["text"]
              for name, spec in (("code", code), ("prose", prose))}
     out = tmp_path / "figures.json"
     capsys.readouterr()
-    results = main([run, f"--text=code={code},prose={prose}", "--stride=8", f"--output={out}"], as_script=False)
+    results = eval_main(run, f"--text=code={code},prose={prose}", "--stride=8", f"--output={out}")
     shown = capsys.readouterr().out
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     figures = results["texts"]
@@ -376,28 +379,24 @@ def val_documents(folder, out):
     return out
 
 
-def test_shards_score_their_validation_split_as_its_text(mix_run, tmp_path):
+def test_shards_score_their_validation_split_as_its_text(mix_run, tmp_path, eval_main):
     """A folder of prepared shards is scored on its validation split: the figures of its documents as text.
     --text=mix scores each source of the run's mixture so, by name."""
-    from gptjax.eval.__main__ import main
-
-    run, same = str(mix_run / "run"), ("tokens", "bytes", "documents", "loss", "perplexity", "bits_per_byte")
-    mixed = main([run, "--text=mix", "--stride=8"], as_script=False)
+    run, same = mix_run / "run", ("tokens", "bytes", "documents", "loss", "perplexity", "bits_per_byte")
+    mixed = eval_main(run, "--text=mix", "--stride=8")
     assert list(mixed["texts"]) == ["code", "prose"]
     for name in ("code", "prose"):
         folder = mix_run / "run" / "data" / name
-        as_text = main([run, f"--text={val_documents(folder, tmp_path / f'{name}.jsonl')}", "--stride=8"],
-                       as_script=False)["text"]
-        as_shards = main([run, f"--text={folder}", "--stride=8"], as_script=False)["text"]
+        as_text = eval_main(run, f"--text={val_documents(folder, tmp_path / f'{name}.jsonl')}", "--stride=8")["text"]
+        as_shards = eval_main(run, f"--text={folder}", "--stride=8")["text"]
         assert {k: as_shards[k] for k in same} == {k: as_text[k] for k in same} == {k: mixed["texts"][name][k]
                                                                                     for k in same}
         assert mixed["texts"][name]["text"] == str(folder)
     assert mixed["text"]["bytes"] == sum(mixed["texts"][n]["bytes"] for n in ("code", "prose"))
 
 
-def test_shards_of_another_tokenizer_and_mix_without_a_mixture_are_refused(mix_run, task_run, tmp_path, capsys):
-    from gptjax.eval.__main__ import main
-
+def test_shards_of_another_tokenizer_and_mix_without_a_mixture_are_refused(mix_run, task_run, tmp_path, capsys,
+                                                                             eval_main):
     shards = tmp_path / "gpt2"
     shards.mkdir()
     meta = json.loads((mix_run / "run" / "data" / "code" / "meta.json").read_text())
@@ -407,6 +406,6 @@ def test_shards_of_another_tokenizer_and_mix_without_a_mixture_are_refused(mix_r
                             (task_run.run, "mix", f"--text=mix scores the sources of a mixture's run, but "
                              f"{task_run.run} was not trained on a --data.mix")):
         with pytest.raises(SystemExit) as e:
-            main([str(run), f"--text={text}"], as_script=False)
+            eval_main(run, f"--text={text}")
         err = capsys.readouterr().err
         assert e.value.code == 2 and says in err, err
