@@ -289,7 +289,9 @@ class EvalConfig:
                               "or hf:DIR (a Hugging Face GPT-2 folder); also the first argument without --checkpoint=")
     step: int = opt(-1, "which checkpoint step to load; -1 for the latest")
     text: str = opt("", "score this text: a file, a folder or a glob of text, JSON Lines (.jsonl) or Parquet files, "
-                        "compressed or not, as --data.corpus takes")
+                        "compressed or not, as --data.corpus takes, or a folder of prepared shards (its validation "
+                        "split); or several, named: NAME=TEXT,... (as --data.mix names its sources), each scored on "
+                        "its own and all together; mix: each source of the run's --data.mix, on its validation split")
     text_field: str = opt("text", "the field that holds a document's text in JSON Lines and Parquet files")
     stride: int = opt(0, "tokens between the starts of two scoring windows: each token is scored with at least "
                          "context - stride tokens before it; 1 gives every token the full context (at context times "

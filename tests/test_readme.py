@@ -204,6 +204,23 @@ def _(j: Journey, r: dict):
         assert "float32 compute" in r["stdout"] and "every 16" in r["stdout"], r["stdout"]
 
 
+@check("eval mix")
+def _(j: Journey, r: dict):
+    # two tables: the held-out texts', then the sources' own validation splits' (--text=mix)
+    tables = r["stdout"].split("\ntext ")[1:]
+    assert len(tables) == 2, r["stdout"]
+    for table in tables:
+        rows = {line.split()[0]: line.split() for line in table.splitlines()
+                if line.split()[:1] in (["web"], ["notes"], ["all"])}
+        assert sorted(rows) == ["all", "notes", "web"], r["stdout"]
+        bpb = {name: float(row[6]) for name, row in rows.items()}
+        nbytes = {name: int(row[2].replace(",", "")) for name, row in rows.items()}
+        assert nbytes["all"] == nbytes["web"] + nbytes["notes"] and min(bpb.values()) > 0, r["stdout"]
+        weighted = (bpb["web"] * nbytes["web"] + bpb["notes"] * nbytes["notes"]) / nbytes["all"]
+        assert bpb["all"] == pytest.approx(weighted, abs=1e-4), r["stdout"]  # the figures as printed, to 4 places
+    assert "  web: shards/web" in tables[1] and "  notes: out/mix/data/notes" in tables[1], r["stdout"]
+
+
 @check("eval tasks")
 def _(j: Journey, r: dict):
     report = json.loads((j.clone / "eval.json").read_text())

@@ -67,13 +67,16 @@ def _is_prepared(spec: str) -> bool:
     return Path(spec).is_dir() and (Path(spec) / "meta.json").is_file()
 
 
-def _check_prepared(source, cfg: DataConfig) -> dict:
-    """A prepared source's meta, refused if its tokenizer is not the run's or it has no validation split."""
+def _check_prepared(source, cfg: DataConfig, fine_tune: bool = False) -> dict:
+    """A prepared source's meta, refused if its tokenizer is not the run's (with `fine_tune`, the model's it
+    starts from) or it has no validation split."""
     meta = read_meta(Path(source.spec)) or {}
     if meta.get("tokenizer") != cfg.tokenizer:
+        whose = (", the tokenizer of the model it starts from (--train.init_from), which reads only its own tokens"
+                 if fine_tune else "")
         raise UserError(f"the mix source {source.name!r} ({source.spec}) holds shards of the {meta.get('tokenizer')} "
-                        f"tokenizer, but this run uses {cfg.tokenizer}: a mixture has one tokenizer. Prepare it "
-                        f"again with --data.tokenizer={cfg.tokenizer}, or give its corpus instead; nothing was "
+                        f"tokenizer, but this run uses {cfg.tokenizer}{whose}: a mixture has one tokenizer. Prepare "
+                        f"it again with --data.tokenizer={cfg.tokenizer}, or give its corpus instead; nothing was "
                         "changed.")
     if not int(meta.get("val_tokens", 0)):
         raise UserError(f"the mix source {source.name!r} ({source.spec}) has no validation split (0 val tokens): "
@@ -141,7 +144,7 @@ def load(cfg: DataConfig, default_dir: Path, block_size: int, log=print, tokeniz
     prepared = {s.name: s.spec for s in sources if _is_prepared(s.spec)}
     for s in sources:
         if s.name in prepared:
-            _check_prepared(s, cfg)
+            _check_prepared(s, cfg, fine_tune=tokenizer is not None)
     corpora = [(s, corpus_files(s.spec, option=f"mix source {s.name}")) for s in sources if s.name not in prepared]
     given = _given_tokenizer(sources, prepared, cfg)
     if tokenizer is not None and given is not None and not given.same_as(tokenizer):

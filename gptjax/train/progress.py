@@ -24,8 +24,12 @@ class Progress:
             self.drawn = False
         self.log(message)
 
-    def step(self, done: int, loss: float, bpb: float, rate: float, eta: float, lr: float, at_interval: bool) -> None:
+    def step(self, done: int, loss: float, bpb: float, rate: float, eta: float, lr: float, at_interval: bool,
+             epochs: dict[str, float] | None = None) -> None:
+        """`epochs`: a mixture's epochs of each source read so far, by name (a source past 1 is repeating)."""
         text = f"loss {loss:.4f} | {bpb:.3f} bits/byte | lr {lr:.2e} | {rate:,.0f} tok/s | left {fmt_time(eta)}"
+        if epochs:
+            text += " | epochs " + " ".join(f"{name} {e:.2f}" for name, e in epochs.items())
         if self.bar:
             width = 24
             filled = int(width * done / max(self.total, 1))

@@ -214,21 +214,21 @@ class Trainer:
         tokens_per_s = rate.read(reset=at_interval)
         eta = (t.max_steps - done) * tokens_per_step / max(tokens_per_s, 1e-9)
         lr = float(self.lr_at(done - 1))
-        self.progress.step(done, loss, bpb, tokens_per_s, eta, lr, at_interval)
+        epochs = self._epochs()
+        self.progress.step(done, loss, bpb, tokens_per_s, eta, lr, at_interval, epochs)
         if at_interval:
             peak = self.plan.peak
             mfu = tokens_per_s / tokens_per_step * self.plan.flops_per_step / peak if peak else None
             self.logs.write({"step": done, "tokens": done * tokens_per_step, "loss": loss, "bpb": bpb, "lr": lr,
                              "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                             "elapsed_s": self.elapsed(), **self._epochs()})
+                             "elapsed_s": self.elapsed(), **{f"epochs/{n}": e for n, e in epochs.items()}})
 
-    def _epochs(self) -> dict:
-        """With a mixture: the epochs of each source read so far, as epochs/<name>."""
+    def _epochs(self) -> dict[str, float]:
+        """With a mixture: the epochs of each source read so far, by name (logged as epochs/<name>)."""
         m = self.plan.mixture
         if m is None:
             return {}
-        epochs = m.epochs(self.mix_rows, self.plan.cfg.model.block_size)
-        return {f"epochs/{n}": float(e) for n, e in zip(m.names, epochs)}
+        return {n: float(e) for n, e in zip(m.names, m.epochs(self.mix_rows, self.plan.cfg.model.block_size))}
 
     def _not_finite(self, done: int, loss: float, grad_norm: float) -> UserError:
         last = self.ckpt.latest_step()

@@ -39,6 +39,8 @@ RUN = {
     # the gpt2 folder here is the tiny cpu-gpt2 run's, of a 32-token context
     "python -m gptjax.eval hf:gpt2 --text='wiki/*.jsonl.zst' --stride=512 --batch_size=16": "--stride=16",
     "python -m gptjax.eval out/run --task=hellaswag_val.jsonl,lambada.jsonl --output=eval.json": "",
+    "python -m gptjax.eval out/mix --text='web=held_out/web.jsonl.zst,notes=held_out/notes'": "",
+    "python -m gptjax.eval out/mix --text=mix": "",
     "gptjax memory --config=gpt2-1.5b --train.devices=8": f"{TINY} --train.batch_size=8 --train.grad_accum=1",
     "gptjax memory --config=gpt2-1.5b --train.devices=8 --train.remat=block":
         f"{TINY} --train.batch_size=8 --train.grad_accum=1",

@@ -60,3 +60,7 @@ def make_files(clone: Path) -> None:
     (clone / "held_out.txt").write_text(CODE * 4)
     (clone / "hellaswag_val.jsonl").write_text("".join(json.dumps(x) + "\n" for x in HELLASWAG))
     (clone / "lambada.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in LAMBADA))
+    held_out = random.Random(26)  # a mixture's held-out text of each source, with a generator of its own
+    jsonl_zst(clone / "held_out" / "web.jsonl.zst", [prose(120, held_out) for _ in range(4)])
+    (clone / "held_out" / "notes").mkdir()
+    (clone / "held_out" / "notes" / "note.txt").write_text(prose(700, held_out) + "\n")

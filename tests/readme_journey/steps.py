@@ -63,6 +63,8 @@ STEPS = [
     run("train web", "python train.py --data.dir=shards/web --out_dir=out/web", after=("prepare web",)),
     run("train mix", "python train.py --data.mix='web=shards/web:0.7,notes=my_texts:0.3' --out_dir=out/mix",
         after=("prepare web",)),
+    run("eval mix", "python -m gptjax.eval out/mix --text='web=held_out/web.jsonl.zst,notes=held_out/notes'",
+        "python -m gptjax.eval out/mix --text=mix", after=("train mix",)),
     run("sample hf:gpt2", "python sample.py --checkpoint=hf:gpt2 --prompt='The meaning of life is'",
         after=("set-up: the gpt2 folder",)),
     # the prose's `gptjax.load("hf:gpt2")`, which computes in float32 on every device, as transformers does

@@ -67,7 +67,9 @@ def mixed(tmp_path_factory):
     root = tmp_path_factory.mktemp("mix")
     make_corpus(root / "code")
     _prose(root / "prose")
-    full = train(mix_config(root, "full"), log=quiet)
+    shown = []
+    full = train(mix_config(root, "full"), log=shown.append)
+    (root / "full.log").write_text("\n".join(shown) + "\n")
     part = train(mix_config(root, "part"), log=quiet, stop_after=4)
     rest = train(mix_config(root, "part", resume=True), log=quiet)
     return root, full, part, rest
@@ -87,6 +89,17 @@ def test_a_mixture_trains_and_reports_each_source(mixed):
     steps = [r for r in records if "loss" in r and "val_loss" not in r]
     assert all(r["epochs/code"] > 0 and r["epochs/prose"] > 0 for r in steps)
     assert steps[-1]["epochs/prose"] > steps[0]["epochs/prose"]
+
+
+def test_the_progress_line_shows_each_sources_epochs(mixed):
+    root = mixed[0]
+    steps = {r["step"]: r for r in map(json.loads, (root / "full" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r and "val_loss" not in r}
+    lines = [line for line in (root / "full.log").read_text().splitlines() if " tok/s " in line]
+    assert len(lines) == len(steps) == 4, lines
+    for line in lines:
+        r = steps[int(line.split()[1])]
+        assert line.endswith(f" | epochs code {r['epochs/code']:.2f} prose {r['epochs/prose']:.2f}"), line
 
 
 def test_a_mixture_resumes_exactly_across_a_schedule_change(mixed):
@@ -207,3 +220,60 @@ def test_tensorboard_holds_each_sources_figures(mixed):
     events = EventAccumulator(str(mixed[0] / "full" / "tensorboard"))
     events.Reload()
     assert {"val_bpb/code", "val_bpb/prose", "val_loss/code", "epochs/prose"} <= set(events.Tags()["scalars"])
+
+
+def test_a_fine_tune_trains_on_a_mixture(mixed):
+    """--train.init_from with --data.mix: the source's weights, tokenizer and shape, then the mixture's batches.
+    At step 0 each source's validation is the source run's last (the same splits, batches and weights)."""
+    root = mixed[0]
+    cfg = mix_config(root, "tuned", init_from=str(root / "full"), max_steps=3, eval_interval=3, ckpt_interval=3)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layer=1, n_embd=16))  # the source's wins
+    tuned = train(cfg, log=quiet)
+    assert sorted(tuned["loss"]) == [1, 2, 3]
+    evals = {run: {r["step"]: r for r in map(json.loads, (root / run / "metrics.jsonl").read_text().splitlines())
+                   if "val_loss" in r} for run in ("full", "tuned")}
+    for name in ("code", "prose"):
+        assert evals["tuned"][0][f"val_loss/{name}"] == evals["full"][12][f"val_loss/{name}"]
+    assert evals["tuned"][3]["val_loss/code"] < evals["tuned"][0]["val_loss/code"]
+
+
+def test_a_fine_tune_refuses_a_prepared_source_of_another_tokenizer_than_its_source(mixed, tmp_path):
+    root = mixed[0]
+    shards = tmp_path / "gpt2_shards"
+    shards.mkdir()
+    meta = json.loads((root / "full" / "data" / "code" / "meta.json").read_text())
+    (shards / "meta.json").write_text(json.dumps({**meta, "tokenizer": "gpt2"}))
+    cfg = mix_config(root, "tuned_gpt2", init_from=str(root / "full"))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer="gpt2", mix_schedule="",
+                                                            mix=f"code={shards}:1,prose={root / 'prose'}:1"))
+    before = _tree(root)
+    with pytest.raises(UserError, match=r"gpt2 tokenizer, but this run uses byte, the tokenizer of the model it "
+                                         r"starts from \(--train.init_from\)") as e:
+        set_up(cfg, log=quiet)
+    assert "Prepare it again with --data.tokenizer=byte" in str(e.value)
+    assert _tree(root) == before
+
+
+def test_a_fine_tune_refuses_a_prepared_source_of_another_learned_bpe(mixed, tmp_path):
+    """A learned bpe is the source model's: a prepared source whose bpe was learned apart is refused before anything
+    is prepared, and a mixture of corpora is tokenized with the source's bpe (none learned for it)."""
+    from gptjax.data.pipeline import prepare
+
+    root = mixed[0]
+    bpe = DataConfig(corpus=str(root / "prose"), tokenizer="bpe", bpe_vocab=512, val_fraction=0.1)
+    source = tiny_config(tmp_path / "source", str(root / "prose"), max_steps=1, eval_interval=1, ckpt_interval=1)
+    train(dataclasses.replace(source, data=bpe), log=quiet)
+    prepare(dataclasses.replace(bpe, corpus=str(root / "code")), tmp_path / "code_bpe", log=quiet)  # learned apart
+    cfg = mix_config(root, "tuned_bpe", init_from=str(tmp_path / "source"), max_steps=1, eval_interval=1,
+                     ckpt_interval=1)
+    apart = f"code={tmp_path / 'code_bpe'}:1,prose={root / 'prose'}:1"
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mix_schedule="", mix=apart))
+    with pytest.raises(UserError, match="another learned bpe tokenizer than the fine-tune's source"):
+        set_up(cfg, log=quiet)
+    assert not (root / "tuned_bpe" / "data" / "prose").exists()
+    corpora = f"code={root / 'code'}:1,prose={root / 'prose'}:1"
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mix=corpora))
+    train(cfg, log=quiet)
+    source_tokens = (tmp_path / "source" / "data" / "tokenizer.tiktoken").read_text()
+    assert (root / "tuned_bpe" / "data" / "code" / "tokenizer.tiktoken").read_text() == source_tokens
+    assert not (root / "tuned_bpe" / "data" / "mix-tokenizer.json").exists()
