@@ -7,17 +7,19 @@ from flax import nnx
 
 from gptjax.config import Config, DataConfig, ModelConfig
 from gptjax.inference.pretrained import Pretrained
+from gptjax.model import documents
 from gptjax.model.gpt import GPT
 
 T = 32
 
 
-def byte_model(pos="learned") -> Pretrained:
-    """An untrained character-level model: its samples are often not UTF-8, which streaming must survive."""
+def byte_model(pos="learned", doc_positions=None) -> Pretrained:
+    """An untrained character-level model: its samples are often not UTF-8, which streaming must survive.
+    With `doc_positions` ("continue" or "restart"), a model of --data.doc_mask=true."""
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=T, vocab_size=257, pos_encoding=pos, dtype="float32")
-    graphdef, params = nnx.split(GPT(cfg, nnx.Rngs(1)), nnx.Param)
-    return Pretrained(Config(model=cfg, data=DataConfig(tokenizer="byte")), graphdef, nnx.to_pure_dict(params), 0,
-                      Path("."))
+    data = DataConfig(tokenizer="byte", doc_mask=doc_positions is not None, doc_positions=doc_positions or "continue")
+    graphdef, params = nnx.split(GPT(cfg, nnx.Rngs(1), docs=documents.of_run(data, 256)), nnx.Param)
+    return Pretrained(Config(model=cfg, data=data), graphdef, nnx.to_pure_dict(params), 0, Path("."))
 
 
 

@@ -10,10 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import jax
 import numpy as np
 import openai
 import pytest
 import uvicorn
+from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from builders import byte_model  # noqa: E402
@@ -141,6 +143,34 @@ def test_tokenizer_endpoints(served):
                               ("/detokenize", {"tokens": [10 ** 7]}, "tokens"), ("/detokenize", {}, "tokens")):
         r = httpx.post(url + path, json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("positions", ["continue", "restart"])
+def test_a_document_masked_run_is_served_as_it_scores(positions):
+    """--data.doc_mask: a prompt holding an end-of-text is scored, and continued, as the full forward pass of the
+    model sees the whole sequence (attention stops at end-of-text; positions restart there with `restart`)."""
+    model = byte_model(doc_positions=positions)
+    batcher = batching.Batcher(model, 2)
+    batcher.warm()
+    batcher.start()
+    eot = model.tokenizer.eot_id
+    ids = [*model.tokenizer.encode("hi there"), eot, *model.tokenizer.encode("ab")]
+    forward = jax.jit(lambda p, x: jax.nn.log_softmax(nnx.merge(model.graphdef, p)(x)))
+    try:
+        with TestClient(make_app(model, batcher, "tiny")) as http:
+            r = http.post("/v1/completions", json={"prompt": ids, "max_tokens": 5, "temperature": 0, "echo": True,
+                                                   "logprobs": 1}).json()
+            lp = r["choices"][0]["logprobs"]
+            new = [model.tokenizer.encode(t) for t in lp["tokens"][len(ids):]]
+            seq = ids + [i for t in new for i in t]
+            logp = np.asarray(forward(model.params, np.asarray([seq]))[0])
+            np.testing.assert_allclose(lp["token_logprobs"][1:], [logp[t - 1, seq[t]] for t in range(1, len(seq))],
+                                       atol=1e-5)
+            assert all(seq[t] == logp[t - 1].argmax() for t in range(len(ids), len(seq)))
+            text = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 6, "temperature": 0}).json()
+            assert text["choices"][0]["text"] == model.generate("hello", max_new_tokens=6, temperature=0)
+    finally:
+        batcher.close()
 
 
 def test_async_concurrent_and_sampled(served, greedy):

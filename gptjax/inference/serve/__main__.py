@@ -53,10 +53,6 @@ def build(model, name: str, slots: int, api_key: str | None):
     from gptjax.inference.serve.app import make_app
     from gptjax.inference.serve.batcher import Batcher
 
-    if model.model.docs is not None:
-        raise UserError(f"{model.path} was trained with --data.doc_mask; gptjax serve does not serve such a run yet "
-                        "(its prompts are right-padded, which the document mask's state does not follow): use "
-                        "gptjax sample or gptjax.load(...).generate.")
     batcher = Batcher(model, slots)
     batcher.warm()
     batcher.start()
