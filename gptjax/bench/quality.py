@@ -110,7 +110,7 @@ def train_arm(name: str, options: list[str], steps: int, out: Path, data_dir: Pa
 
     data_cfg = parse_args(options).data
     vocab = str(data_cfg.bpe_vocab) if data_cfg.tokenizer == "bpe" else ""
-    argv = [sys.executable, str(Path(__file__).resolve().parent.parent / "train.py"), *options,
+    argv = [sys.executable, str(Path(__file__).resolve().parents[2] / "train.py"), *options,
             f"--out_dir={run_dir}", f"--data.dir={data_dir / (data_cfg.tokenizer + vocab)}", f"--train.max_steps={steps}",
             f"--train.warmup_steps={max(1, steps * 8 // 100)}", f"--train.eval_interval={steps}",
             f"--train.ckpt_interval={steps}", "--train.sample_tokens=0", f"--train.log_interval={max(1, steps // 10)}"]
