@@ -10,10 +10,10 @@ made of pieces (start, length) of the token stream:
 - when none fits, the shortest in the buffer is cut to the room, and the rest of it is DROPPED. A
   padded tail would cost the same compute as text and, with no loss mask, would teach the model to
   predict padding; the cut tail is real text from a document's start, and what it drops is counted;
-- a document longer than a window is cut into window-sized pieces, each starting a window; its last,
-  shorter piece also starts a window, filled after it as any other (these pieces start mid-document:
-  the one exception to the rule above);
-- windows that the documents run out before filling, at the split's end, are dropped too.
+- a document longer than a window is cut into pieces: its first (length mod window) tokens, packed as
+  a document is, then window-sized pieces, each a window of its own (these start mid-document: the one
+  exception to the rule above);
+- the last window, when the documents run out before it is full, is dropped too.
 The table depends on the tokens and block_size alone, so every process, every parallel layout and a
 resumed run build the same one; a step's windows are indices into it drawn from (seed, step), with
 replacement, by `batch_offsets` as the stream's offsets are. No JAX here.
@@ -46,7 +46,8 @@ class AlignedWindows:
     first: np.ndarray  # int64, len = windows + 1
     documents: int  # documents in the split
     long_documents: int  # of them, those longer than a window, cut into pieces
-    dropped: int  # tokens in no window: the cut documents' rests and the unfilled windows at the end
+    long_windows: int  # windows that are one window-sized piece of a long document (the rest start at one)
+    dropped: int  # tokens in no window: the cut documents' rests and the last window, if it is not full
 
     @property
     def count(self) -> int:
@@ -69,11 +70,12 @@ class AlignedWindows:
         return flat[..., :-1], flat[..., 1:]
 
     def describe(self, name: str = "train") -> str:
-        return (f"data: --data.align=bos: {self.count:,} {name} windows of {self.window - 1} tokens, each from a "
-                f"document's start, packed best-fit from {self.documents:,} documents ({self.long_documents:,} "
-                f"longer than a window, cut into window-sized pieces); {self.dropped:,} tokens "
+        return (f"data: --data.align=bos: {self.count:,} {name} windows of {self.window - 1} tokens from "
+                f"{self.documents:,} documents: {self.count - self.long_windows:,} start at a document's start, "
+                f"packed best-fit, and {self.long_windows:,} are pieces of the {self.long_documents:,} documents "
+                f"longer than a window; {self.dropped:,} tokens "
                 f"({100 * self.dropped_fraction:.2f}%) dropped: the rest of each document cut to fill a window's "
-                "tail, and the windows left unfilled at the split's end")
+                "tail, and the window left unfilled at the split's end")
 
 
 def train_batch(windows: AlignedWindows, seed: int, step: int, grad_accum: int, batch_size: int,
@@ -102,56 +104,54 @@ def build(tokens: TokenStream, eot_id: int, block_size: int, buffer: int = BUFFE
     width = block_size + 1
     starts, lengths, first = [], [], [0]
     pool: list[tuple[int, int, int]] = []  # (length, order, start), sorted: the buffer
-    heads: deque = deque()  # the pieces of long documents, each to start a window
-    dropped, order, nxt = 0, 0, 0
-    long_docs = 0
-
-    def put(s: int, n: int) -> None:
-        starts.append(s)
-        lengths.append(n)
+    whole: deque = deque()  # long documents' window-sized pieces, each a window of its own
+    dropped, order, nxt, long_docs, long_windows = 0, 0, 0, 0, 0
 
     def refill() -> None:
         nonlocal nxt, order, long_docs
         while len(pool) < buffer and nxt < len(doc_start):
             s, n = int(doc_start[nxt]), int(doc_end[nxt] - doc_start[nxt])
             nxt += 1
-            if n > width:  # window-sized pieces, the last perhaps shorter
+            if n > width:  # its first n mod width tokens are packed as a document; the rest are whole windows
                 long_docs += 1
-                heads.extend((at, min(width, s + n - at)) for at in range(s, s + n, width))
-                continue
+                s, n, head = s + n % width, n - n % width, n % width
+                whole.extend(range(s, s + n, width))
+                if not head:
+                    continue
+                s, n = s - head, head
             bisect.insort(pool, (n, order, s))
             order += 1
 
     while True:
         refill()
-        if not pool and not heads:
+        if whole:
+            starts.append(whole.popleft())
+            lengths.append(width)
+            first.append(len(starts))
+            long_windows += 1
+            continue
+        if not pool:
             break
         room = width
-        if heads:
-            s, n = heads.popleft()
-            put(s, n)
-            room -= n
         while room:
             refill()
             if not pool:
                 break
             k = bisect.bisect_right(pool, (room, order, 0)) - 1  # the largest that fits
-            if k >= 0:
-                n, _, s = pool.pop(k)
-                put(s, n)
-                room -= n
-            else:  # none fits: the shortest is cut to the room, its rest dropped
-                n, _, s = pool.pop(0)
-                put(s, room)
+            n, _, s = pool.pop(max(k, 0))
+            if k < 0:  # none fits: the shortest is cut to the room, its rest dropped
                 dropped += n - room
-                room = 0
+                n = room
+            starts.append(s)
+            lengths.append(n)
+            room -= n
         if room:  # the documents ran out before this window was full: it is dropped
             dropped += width - room
             del starts[first[-1]:], lengths[first[-1]:]
         else:
             first.append(len(starts))
     return AlignedWindows(tokens, width, np.asarray(starts, np.int64), np.asarray(lengths, np.int64),
-                          np.asarray(first, np.int64), len(doc_start), long_docs, dropped)
+                          np.asarray(first, np.int64), len(doc_start), long_docs, long_windows, dropped)
 
 
 def of_split(tokens: TokenStream, eot_id: int, block_size: int, name: str, log) -> AlignedWindows:
