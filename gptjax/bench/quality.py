@@ -54,6 +54,8 @@ ARMS = {
     # the default corpus (its shards, {shards}) with a fifth of each batch from numpy's Python source, which
     # every install holds ({numpy}): whether mixing in other code helps or hurts the default corpus's figure
     "mix": ["--data.mix=stdlib={shards}:0.8,numpy={numpy}:0.2"],
+    # another seed of the same arm (mix+seed1): the spread between seeds, against which the others are read
+    "seed1": ["--train.seed=1"],
 }
 
 

@@ -25,8 +25,8 @@ from gptjax.data.shards import (Dataset, TokenStream, batch_offsets, check_fits,
 from gptjax.data.sources import corpus_files, stdlib_files
 from gptjax.errors import UserError
 
-__all__ = ["Dataset", "TokenStream", "align", "batch_offsets", "check_fits", "corpus_files", "get_batch", "load", "prepare",
-           "stdlib_files", "train_batch", "val_batch"]
+__all__ = ["Dataset", "TokenStream", "align", "batch_offsets", "check_fits", "corpus_files", "get_batch", "load",
+           "prepare", "stdlib_files", "train_batch", "val_batch"]
 
 
 def load(cfg: DataConfig, default_dir: Path, log=print, tokenizer=None) -> Dataset:

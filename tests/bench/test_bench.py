@@ -28,6 +28,7 @@ def test_the_data_arms_and_the_mixture_arm_s_sources(monkeypatch, tmp_path):
 
     assert arm_options("align") == [*BASELINE, "--data.align=bos", "--data.doc_mask=true"]
     assert arm_options("doc_mask") == [*BASELINE, "--data.doc_mask=true"]
+    assert arm_options("mix+seed1")[-1] == "--train.seed=1"  # the spread between seeds, of any arm
     prepared = []
     monkeypatch.setattr(data, "prepare", lambda cfg, folder, **_: prepared.append((cfg.tokenizer, folder)))
     options = arm_options("mix")

@@ -48,8 +48,7 @@ def test_a_handmade_corpus_packs_as_described_and_counts_what_it_drops():
     tokens = corpus([5, 3, 6, 2, 20, 4, 7])
     w = align.build(TokenStream([tokens]), EOT, 7)
     check_windows(w, tokens)
-    pieces = [[(int(s), int(n)) for s, n in zip(w.starts[w.first[k]:w.first[k + 1]], w.lengths[w.first[k]:w.first[k + 1]])]
-              for k in range(w.count)]
+    pieces = [list(zip(w.starts[lo:hi].tolist(), w.lengths[lo:hi].tolist())) for lo, hi in zip(w.first, w.first[1:])]
     # the 20 tokens are 4 packed as a document, then two windows of their own
     assert pieces[:2] == [[(20, 8)], [(28, 8)]]
     # 7 fits, then none of 2, 3, 4, 4, 5, 6 fits the 1 left: the shortest, 2, is cut to it (1 token dropped)
