@@ -108,6 +108,10 @@ class DataConfig:
     doc_positions: Literal["continue", "restart"] = opt(
         "continue", "with --data.doc_mask: positions go on across documents (continue) or restart at 0 at each "
                     "document's start (restart)")
+    align: Literal["none", "bos"] = opt(
+        "none", "where training windows start: anywhere in the token stream (none), or at a document's start, the "
+                "rest of the window packed best-fit with whole documents (bos); what cannot fit is dropped, and "
+                "counted at the start of training")
     mix: str = opt("", "a mixture of sources, NAME=SOURCE:WEIGHT,... (a shard folder, or a corpus file, folder or "
                        "glob); weights are relative, each batch draws from the sources by tokens in proportion")
     mix_schedule: str = opt("", "with --data.mix: weights that change at given steps, STEP:NAME=WEIGHT,...;... "

@@ -14,6 +14,10 @@ validation documents of the default corpus (the same documents for every tokeniz
 is by document), each scored from its start (after end-of-text), in windows of the model's context,
 as bits per UTF-8 byte. Tokenizer-independent, so a learned tokenizer, GPT-2's and bytes compare.
 
+The data arms: `doc_mask` and `align` (windows from documents' starts, with the mask) train on the
+same shards; `mix` trains on a mixture of the default corpus's shards and numpy's Python source, and is
+scored, as every arm, on the default corpus's validation documents alone.
+
 With --half, the last arm also runs in half the budget, which answers whether it reaches the
 baseline's bits per byte in half the time. Results go to --out/quality.json as well as the screen.
 """
@@ -45,6 +49,13 @@ ARMS = {
     "gqa": ["--model.n_kv_head=2"],
     "muon": ["--train.optimizer=muon"],
     "bpe8k": ["--data.tokenizer=bpe", "--data.bpe_vocab=8192"],
+    "doc_mask": ["--data.doc_mask=true"],
+    "align": ["--data.align=bos", "--data.doc_mask=true"],
+    # the default corpus (its shards, {shards}) with a fifth of each batch from numpy's Python source, which
+    # every install holds ({numpy}): whether mixing in other code helps or hurts the default corpus's figure
+    "mix": ["--data.mix=stdlib={shards}:0.8,numpy={numpy}:0.2"],
+    # another seed of the same arm (mix+seed1): the spread between seeds, against which the others are read
+    "seed1": ["--train.seed=1"],
 }
 
 
@@ -110,8 +121,10 @@ def train_arm(name: str, options: list[str], steps: int, out: Path, data_dir: Pa
 
     data_cfg = parse_args(options).data
     vocab = str(data_cfg.bpe_vocab) if data_cfg.tokenizer == "bpe" else ""
-    argv = [sys.executable, str(Path(__file__).resolve().parent.parent / "train.py"), *options,
-            f"--out_dir={run_dir}", f"--data.dir={data_dir / (data_cfg.tokenizer + vocab)}", f"--train.max_steps={steps}",
+    shards = data_dir / (data_cfg.tokenizer + vocab)
+    options, data = _with_shards(options, data_cfg, shards) if data_cfg.mix else (options, [f"--data.dir={shards}"])
+    argv = [sys.executable, str(Path(__file__).resolve().parents[2] / "train.py"), *options,
+            f"--out_dir={run_dir}", *data, f"--train.max_steps={steps}",
             f"--train.warmup_steps={max(1, steps * 8 // 100)}", f"--train.eval_interval={steps}",
             f"--train.ckpt_interval={steps}", "--train.sample_tokens=0", f"--train.log_interval={max(1, steps // 10)}"]
     start = time.time()
@@ -123,6 +136,20 @@ def train_arm(name: str, options: list[str], steps: int, out: Path, data_dir: Pa
     last_train = [r for r in records if "loss" in r][-1]
     return {"name": name, "options": options, "steps": steps, "wall_s": wall,
             "train_s": last_train["elapsed_s"], "train_loss": last_train["loss"]}
+
+
+def _with_shards(options: list[str], data_cfg, shards: Path) -> tuple[list[str], list[str]]:
+    """A mixture arm's options with {shards} (the default corpus's shards, prepared here first if no arm did
+    yet, with the arm's tokenizer) and {numpy} (numpy's Python source) filled in; no --data.dir with a mix."""
+    import numpy
+
+    from gptjax.config import DataConfig
+    from gptjax.data import prepare
+
+    prepare(DataConfig(tokenizer=data_cfg.tokenizer, bpe_vocab=data_cfg.bpe_vocab), shards, log=lambda *_: None,
+            shared=True)
+    numpy_source = Path(numpy.__file__).parent / "**" / "*.py"
+    return [o.format(shards=shards, numpy=numpy_source) if o.startswith("--data.mix=") else o for o in options], []
 
 
 def validation_documents() -> list[str]:

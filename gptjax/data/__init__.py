@@ -7,6 +7,7 @@
   shards    the shard format, one or several folders read as one, and batches
   mix       a mixture's weights, schedule and the draw of each batch's rows from its sources
   mixture   a mixture's sources read from disk: prepared with one tokenizer, and their batches
+  align     training windows that start at a document's start (--data.align=bos), packed best-fit
 
 `load` is what a run calls: it prepares (or reuses) the corpus, or reads prepared folders as they are.
 """
@@ -17,14 +18,15 @@ import glob
 from pathlib import Path
 
 from gptjax.config import DataConfig
+from gptjax.data import align
 from gptjax.data.pipeline import prepare
 from gptjax.data.shards import (Dataset, TokenStream, batch_offsets, check_fits, get_batch, open_folders,
                                 read_meta, shard_folders, train_batch, val_batch)
 from gptjax.data.sources import corpus_files, stdlib_files
 from gptjax.errors import UserError
 
-__all__ = ["Dataset", "TokenStream", "batch_offsets", "check_fits", "corpus_files", "get_batch", "load", "prepare",
-           "stdlib_files", "train_batch", "val_batch"]
+__all__ = ["Dataset", "TokenStream", "align", "batch_offsets", "check_fits", "corpus_files", "get_batch", "load",
+           "prepare", "stdlib_files", "train_batch", "val_batch"]
 
 
 def load(cfg: DataConfig, default_dir: Path, log=print, tokenizer=None) -> Dataset:

@@ -146,28 +146,32 @@ def check_exhausted(sources, epochs_now: np.ndarray, on_exhausted: str) -> None:
                             f"--data.on_exhausted=repeat.")
 
 
-def mixed_offsets(sizes, block_size: int, seed: int, which: np.ndarray, step: int) -> np.ndarray:
-    """Each row's window start inside its own source: source i's windows from its own stream."""
+def mixed_offsets(counts, seed: int, which: np.ndarray, step: int) -> np.ndarray:
+    """Each row's draw from [0, counts[i]) of its own source i, from a stream of its own: a window's start
+    (counts: size - block_size), or with --data.align an aligned window's index (counts: the windows)."""
     offsets = np.zeros(len(which), dtype=np.int64)
-    for i, size in enumerate(sizes):
+    for i, count in enumerate(counts):
         mine = np.flatnonzero(which == i)
         if len(mine):
-            offsets[mine] = batch_offsets(size, block_size, seed, MIX_STREAM + 1 + i, step, len(mine))
+            offsets[mine] = batch_offsets(count, 0, seed, MIX_STREAM + 1 + i, step, len(mine))
     return offsets
 
 
 def mixed_train_batch(datasets, weights: np.ndarray, block_size: int, seed: int, step: int, grad_accum: int,
-                      batch_size: int, rows: slice = slice(None)):
+                      batch_size: int, rows: slice = slice(None), aligned=None):
     """Step `step`'s global batch drawn from the sources: (inputs, targets, each row's source index).
 
     Shapes as `train_batch`'s, the source index (grad_accum, batch_size[rows]); `rows` reads only those rows.
+    `aligned`: each source's gptjax.data.align.AlignedWindows (--data.align=bos), drawn instead of offsets.
     """
     which = row_sources(weights, seed, step, grad_accum * batch_size)
-    offsets = mixed_offsets([d.train.size for d in datasets], block_size, seed, which, step)
+    counts = [w.count for w in aligned] if aligned else [d.train.size - block_size for d in datasets]
+    offsets = mixed_offsets(counts, seed, which, step)
     which, offsets = (a.reshape(grad_accum, batch_size)[:, rows] for a in (which, offsets))
     window = np.empty((*offsets.shape, block_size + 1), dtype=np.int32)
     for idx in np.ndindex(offsets.shape):
-        window[idx] = datasets[which[idx]].train.window(int(offsets[idx]), block_size + 1)
+        i, at = int(which[idx]), int(offsets[idx])
+        window[idx] = aligned[i].read(at) if aligned else datasets[i].train.window(at, block_size + 1)
     return window[..., :-1], window[..., 1:], which
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from gptjax.config import DataConfig
-from gptjax.data import documents, durable, mix
+from gptjax.data import align, documents, durable, mix
 from gptjax.data.pipeline import BPE_SAMPLE_CHARS, prepare
 from gptjax.data.shards import Dataset, check_fits, open_folders, read_meta
 from gptjax.data.sources import MAX_PIECE_CHARS, PIECE_CHARS, corpus_files
@@ -33,12 +33,14 @@ MIX_TOKENIZER = "mix-tokenizer.json"  # the learned bpe of a mixture, beside its
 
 @dataclass
 class Mixture:
-    """The sources (gptjax.data.mix.Source), the schedule, and each source's Dataset in the same order."""
+    """The sources (gptjax.data.mix.Source), the schedule, and each source's Dataset in the same order
+    (with --data.align=bos, each source's aligned windows too)."""
 
     sources: tuple
     schedule: tuple
     datasets: list
     on_exhausted: str
+    aligned: list | None = None
 
     @property
     def names(self) -> list[str]:
@@ -51,7 +53,7 @@ class Mixture:
                     rows: slice = slice(None)):
         """Step `step`'s batch (its `rows`) as mix.mixed_train_batch draws it: (inputs, targets)."""
         x, y, _ = mix.mixed_train_batch(self.datasets, self.weights(step), block_size, seed, step, grad_accum,
-                                        batch_size, rows)
+                                        batch_size, rows, self.aligned)
         return x, y
 
     def rows_of_step(self, seed: int, step: int, count: int) -> np.ndarray:
@@ -169,7 +171,11 @@ def load(cfg: DataConfig, default_dir: Path, block_size: int, log=print, tokeniz
         if block_size:
             check_fits(ds, block_size)
         datasets.append(ds)
-    return Mixture(sources, schedule, datasets, cfg.on_exhausted)
+    aligned = None
+    if cfg.align == "bos" and block_size:
+        aligned = [align.of_split(d.train, d.tokenizer.eot_id, block_size, f"{s.name} train", log)
+                   for s, d in zip(sources, datasets)]
+    return Mixture(sources, schedule, datasets, cfg.on_exhausted, aligned)
 
 
 def as_dataset(mixture: Mixture) -> Dataset:

@@ -23,7 +23,7 @@ from gptjax import data as data_lib
 from gptjax.weights import sources
 from gptjax.weights.checkpoint import CHECKPOINTS, Checkpointer, checkpoint_bytes, remove_partial
 from gptjax.config import Config
-from gptjax.data import Dataset, mix
+from gptjax.data import Dataset, align, mix
 from gptjax.data import mixture as mixture_lib
 from gptjax.errors import UserError
 from gptjax.eval.tasks import read_tasks
@@ -71,6 +71,7 @@ class Plan:
     val_bytes: int               # the bytes the validation batches' targets cover (the same at every evaluation)
     mixture: Any = None          # a gptjax.data.mixture.Mixture with --data.mix, else None
     source_val_bytes: tuple = ()  # with a mixture: val_bytes of each source's own validation batches
+    aligned: Any = None          # with --data.align=bos (and no mixture): the train split's aligned windows
 
     @property
     def start_step(self) -> int:
@@ -98,6 +99,8 @@ def set_up(cfg: Config, log) -> tuple[Plan, Checkpointer, dict]:
     devices, mesh_shape, accum, micro = _plan_devices(cfg.train, log)
     mixture = _load_mixture(cfg, run_dir, source, log) if cfg.data.mix else None
     ds = mixture_lib.as_dataset(mixture) if mixture else _load_data(cfg, run_dir, source, log)
+    aligned = (align.of_split(ds.train, ds.tokenizer.eot_id, cfg.model.block_size, "train", log)
+               if cfg.data.align == "bos" and not mixture else None)
     if known_tok is None:
         tasks = _read_tasks(cfg.train.eval_tasks, ds.tokenizer, cfg.model.block_size, log)
     cfg = _complete_config(cfg, ds.tokenizer, given_vocab, latest, saved, run_dir)
@@ -119,7 +122,8 @@ def set_up(cfg: Config, log) -> tuple[Plan, Checkpointer, dict]:
                 peak=peak * len(devices) if peak else None,
                 checkpoint_bytes=checkpoint_bytes(shapes["params"], shapes["opt_state"]),
                 val_bytes=_val_bytes(ds, cfg, micro), mixture=mixture,
-                source_val_bytes=tuple(_val_bytes(d, cfg, micro) for d in mixture.datasets) if mixture else ())
+                source_val_bytes=tuple(_val_bytes(d, cfg, micro) for d in mixture.datasets) if mixture else (),
+                aligned=aligned)
     return plan, ckpt, state
 
 

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from gptjax import data as data_lib
-from gptjax.data import mix
+from gptjax.data import align, mix
 from gptjax.runtime import disk
 from gptjax.config import Config
 from gptjax.options import to_toml
@@ -154,11 +154,14 @@ class Trainer:
             self.interrupted = stop.name
 
     def _batch(self, step: int):
-        """Step `step`'s batch, this process's rows only: of the one stream, or drawn from the mixture."""
+        """Step `step`'s batch, this process's rows only: of the one stream (its aligned windows with
+        --data.align=bos), or drawn from the mixture."""
         plan, t = self.plan, self.plan.cfg.train
         if plan.mixture is not None:
             return plan.mixture.train_batch(plan.cfg.model.block_size, t.seed, step, plan.accum, plan.micro,
                                             plan.strategy.rows(plan.micro))
+        if plan.aligned is not None:
+            return align.train_batch(plan.aligned, t.seed, step, plan.accum, plan.micro, plan.strategy.rows(plan.micro))
         return data_lib.train_batch(plan.ds, plan.cfg.model.block_size, t.seed, step, plan.accum, plan.micro,
                                     plan.strategy.rows(plan.micro))
 

@@ -68,6 +68,8 @@ EXCLUDED = {
     "python -m gptjax.bench serve --clients 1 4 16 64 --slots 16": BENCHMARK,
     "python -m gptjax.bench quality --budget 150 --arms gpt2,rope,rmsnorm,qk_norm,relu2,swiglu": BENCHMARK,
     'python -m gptjax.bench quality --budget 150 --arms "gpt2,untied,no_bias,gqa,muon,bpe8k,cpu:" --half': BENCHMARK,
+    "python -m gptjax.bench quality --steps 150 --arms gpt2,doc_mask,align,mix": BENCHMARK,
+    "python -m gptjax.bench quality --steps 150 --arms seed1,doc_mask+seed1,align+seed1,mix+seed1": BENCHMARK,
     "lm_eval --model gptjax --model_args path=out/run --tasks hellaswag,lambada_openai --batch_size 16":
         "a download: the harness fetches HellaSwag's and LAMBADA's data from the Hugging Face hub "
         "(tests/eval/test_harness.py runs lm_eval --model gptjax offline on local tasks)",

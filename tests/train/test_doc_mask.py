@@ -1,5 +1,6 @@
 """--data.doc_mask and --data.doc_positions in a run: the options and their refusals, and a doc-mask run
-that trains, checkpoints, resumes exactly and loads into a model that scores as the run validated.
+that trains, checkpoints, resumes exactly and loads into a model that scores as the run validated (and
+one whose windows start at documents, --data.align=bos; the table's own tests: tests/data/test_align.py).
 The model's side (a packed document computes what it computes alone) is tests/model/test_documents.py."""
 
 import dataclasses
@@ -97,3 +98,26 @@ def test_fsdp_with_heads_split_trains_as_pmap(tmp_path):
     np.testing.assert_allclose([runs["fsdp"]["loss"][s] for s in steps], [runs["pmap"]["loss"][s] for s in steps],
                                rtol=1e-6)
     assert runs["fsdp"]["val_loss"][4] == pytest.approx(runs["pmap"]["val_loss"][4], rel=1e-6)
+
+
+def test_an_aligned_doc_mask_run_trains_and_resumes_exactly(tmp_path):
+    """--data.align=bos with --data.doc_mask=true: the table is built and told once, the run trains, and a
+    resumed run draws the same windows from (seed, step)."""
+    corpus = short_docs(tmp_path / "corpus")
+
+    def config(out, **train_kw):
+        cfg = tiny_config(tmp_path / out, corpus, max_steps=4, eval_interval=2, ckpt_interval=2, **train_kw)
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, doc_mask=True, align="bos"))
+
+    lines = []
+    full = train(config("full"), log=lines.append)
+    told = [line for line in lines if "--data.align=bos" in line]
+    assert len(told) == 1 and "dropped" in told[0], lines
+    assert full["val_loss"][4] < full["val_loss"][0]
+    part = train(config("part"), log=quiet, stop_after=2)
+    rest = train(config("part", resume=True), log=quiet)
+    for s in range(1, 5):
+        assert (part["loss"] | rest["loss"])[s] == full["loss"][s], s
+    cfg = config("unaligned")
+    unaligned = train(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, align="none")), log=quiet)
+    assert unaligned["loss"][1] != full["loss"][1]  # the windows are others

@@ -277,3 +277,21 @@ def test_a_fine_tune_refuses_a_prepared_source_of_another_learned_bpe(mixed, tmp
     source_tokens = (tmp_path / "source" / "data" / "tokenizer.tiktoken").read_text()
     assert (root / "tuned_bpe" / "data" / "code" / "tokenizer.tiktoken").read_text() == source_tokens
     assert not (root / "tuned_bpe" / "data" / "mix-tokenizer.json").exists()
+
+
+def test_an_aligned_mixture_trains_and_resumes_exactly(mixed):
+    """--data.align=bos with a mixture: each source's own table, told once each, drawn from (seed, step)."""
+    root = mixed[0]
+
+    def config(out, **train_):
+        cfg = mix_config(root, out, max_steps=4, eval_interval=4, ckpt_interval=2, **train_)
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, align="bos", doc_mask=True))
+
+    lines = []
+    full = train(config("aligned"), log=lines.append)
+    told = [line for line in lines if "--data.align=bos" in line]
+    assert len(told) == 2 and "code train windows" in told[0] and "prose train windows" in told[1], lines
+    part = train(config("aligned-part"), log=quiet, stop_after=2)
+    rest = train(config("aligned-part", resume=True), log=quiet)
+    for s in range(1, 5):
+        assert (part["loss"] | rest["loss"])[s] == full["loss"][s], s
