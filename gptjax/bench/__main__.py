@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from gptjax.errors import cli
+from gptjax.inference.serve import SCHEDULER_STEPS
 
 MODELS = ("gpt2-124m", "reference")  # the shapes in gptjax.bench.sample.MODELS
 
@@ -74,7 +75,10 @@ def _serve_parser(commands) -> None:
     serve.add_argument("--requests", type=int, default=64, help="requests per figure (default: 64)")
     serve.add_argument("--slots", type=int, default=16, help="the server's slots (default: 16)")
     serve.add_argument("--prompt_tokens", type=int, default=16, help="prompt length (default: 16)")
-    serve.add_argument("--new_tokens", type=int, default=64, help="tokens per completion (default: 64)")
+    serve.add_argument("--new_tokens", type=int, default=200,
+                       help="tokens per completion (default: 200, as bench sample's)")
+    serve.add_argument("--scheduler_steps", type=int, default=SCHEDULER_STEPS,
+                       help=f"the server's tokens per row per compiled call (default: {SCHEDULER_STEPS})")
     serve.set_defaults(run=_bench_serve)
 
 

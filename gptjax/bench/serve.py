@@ -3,11 +3,12 @@
 A random model of a bench shape (gptjax.bench.sample.MODELS) is served in this process on 127.0.0.1;
 for each number of concurrent clients, that many clients stream the same set of requests (greedy,
 fixed prompt and completion lengths) and the table gives the tokens per second of the whole set, the
-time to the first token and the time between tokens (p50 and p99 over every request). One client is
-the requests one after another. The last lines are `generate` without the server, at batch 1 and at
---slots prompts together, as `python -m gptjax.bench sample --batch 1 16` times it, and the two ratios
-that say what the server adds: the throughput of --slots clients against generate's at that batch, and
-one client's time per token (p50) against generate's at batch 1.
+time to the first token (TTFT) and the time per token after it (TPOT, a request's time from its first
+token to its last over its tokens but one), p50 and p99 over the requests. One client is the requests
+one after another. Each load is followed at once by `generate` without the server at as many prompts
+as the load keeps busy (min(clients, slots), as `python -m gptjax.bench sample --batch N` times it),
+so that a machine whose speed drifts is compared with itself: the ratio is the server's throughput
+against generate's, and for one client generate's time per token against the server's TPOT.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from gptjax.inference.serve.__main__ import build
 from gptjax.model.gpt import GPT
 
 
-def _served(model, slots: int):
+def _served(model, slots: int, steps: int):
     import uvicorn
 
-    app, batcher = build(model, "bench", slots, None)
+    app, batcher = build(model, "bench", slots, None, steps)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -44,15 +45,23 @@ def _served(model, slots: int):
     return f"http://127.0.0.1:{port}", server, batcher
 
 
-async def _one(http, url: str, body: dict) -> tuple[float, list[float]]:
-    """One streamed request: the time to its first token and the times between its tokens."""
+async def _one(http, url: str, body: dict) -> tuple[float, float, int]:
+    """One streamed request: the time to its first token, the time per token after it, and its tokens (from the
+    usage chunk: a chunk may carry several tokens)."""
     t0 = time.perf_counter()
-    stamps = []
+    first = last = None
+    tokens = 0
     async with http.stream("POST", url + "/v1/completions", json=body) as r:
         async for line in r.aiter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"]:
-                stamps.append(time.perf_counter())
-    return stamps[0] - t0, np.diff(stamps).tolist()
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"]:
+                last = time.perf_counter()
+                first = first or last
+            elif chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return first - t0, (last - first) / max(tokens - 1, 1), tokens
 
 
 async def _load(url: str, bodies: list[dict], clients: int):
@@ -71,17 +80,25 @@ async def _load(url: str, bodies: list[dict], clients: int):
 
 
 def _clients(conn, url: str, body: dict, requests: int, counts: list[int]) -> None:
-    """The load, run in its own process: for each count of concurrent clients, the seconds and the results."""
+    """The load, run in its own process: for each count of concurrent clients, when told to go, the seconds and
+    the results."""
     for clients in counts:
+        conn.recv()
         conn.send(asyncio.run(_load(url, [dict(body) for _ in range(requests)], clients)))
     conn.close()
 
 
-def _row(name: str, seconds: float, tokens: int, results) -> str:
-    ttft = [r[0] * 1e3 for r in results]
-    gaps = [g * 1e3 for r in results for g in r[1]] or [0.0]
-    return (f"{name:>12} {tokens / seconds:10.0f} {np.percentile(ttft, 50):9.1f} {np.percentile(ttft, 99):9.1f} "
-            f"{np.percentile(gaps, 50):9.2f} {np.percentile(gaps, 99):9.2f}")
+def _generate(model, prompt: str, batch: int, new_tokens: int) -> tuple[float, float]:
+    """generate without the server at `batch` prompts: (tokens/s, ms per token), the better of 2 after a compile."""
+    prompts = [prompt] * batch
+    run = lambda: model.generate(prompts, max_new_tokens=new_tokens, temperature=0, batch_size=batch)  # noqa: E731
+    run()
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return batch * new_tokens / best, best / new_tokens * 1e3
 
 
 def bench_serve(args) -> None:
@@ -90,12 +107,14 @@ def bench_serve(args) -> None:
     model = Pretrained(Config(model=cfg, data=DataConfig(tokenizer="gpt2")), graphdef, nnx.to_pure_dict(params), 0,
                        Path("."))
     prompt = " hello" * args.prompt_tokens  # one GPT-2 token each
-    body = {"prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0, "stream": True, "stop": "\u0000never"}
-    url, server, batcher = _served(model, args.slots)
+    body = {"prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0, "stream": True, "stop": "\u0000never",
+            "stream_options": {"include_usage": True}}
+    url, server, batcher = _served(model, args.slots, args.scheduler_steps)
     print(f"{args.model} shape, {args.requests} requests of {args.prompt_tokens} prompt and {args.new_tokens} new "
-          f"tokens, {args.slots} slots")
-    print(f"{'clients':>12} {'tokens/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'gap p50':>9} {'gap p99':>9}  (ms)")
-    figures = {}  # clients: (tokens/s, the time between tokens at p50 in ms)
+          f"tokens, {args.slots} slots, {args.scheduler_steps} scheduler steps; generate at min(clients, slots) "
+          "prompts, timed after each load")
+    print(f"{'clients':>8} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} "
+          f"{'generate':>9} {'ms/token':>9} {'ratio':>6}  (ms; ratio: tokens/s, or TPOT for 1 client)")
     # the clients in a process of their own, as a server's clients are: their parsing holds no lock of the server's
     spawn = multiprocessing.get_context("spawn")
     ours, theirs = spawn.Pipe()
@@ -103,32 +122,17 @@ def bench_serve(args) -> None:
     clients_process.start()
     try:
         for clients in args.clients:
+            ours.send("go")
             seconds, results = ours.recv()
-            tokens = sum(len(r[1]) + 1 for r in results)
-            print(_row(str(clients), seconds, tokens, results), flush=True)
-            figures[clients] = tokens / seconds, float(np.percentile([g * 1e3 for r in results for g in r[1]], 50))
+            rate = sum(r[2] for r in results) / seconds
+            ttft = np.percentile([r[0] * 1e3 for r in results], [50, 99])
+            tpot = np.percentile([r[1] * 1e3 for r in results], [50, 99])
+            g_rate, g_ms = _generate(model, prompt, min(clients, args.slots), args.new_tokens)  # the same minute
+            ratio = g_ms / tpot[0] if clients == 1 else rate / g_rate
+            print(f"{clients:>8} {rate:9.0f} {ttft[0]:9.1f} {ttft[1]:9.1f} {tpot[0]:9.2f} {tpot[1]:9.2f} "
+                  f"{g_rate:9.0f} {g_ms:9.2f} {ratio:6.0%}", flush=True)
     finally:
         clients_process.join(timeout=5)
         clients_process.kill()
         server.should_exit = True
         batcher.close()
-    rows = {}  # batch: (tokens/s, ms per token) of generate without a server, the best of 3
-    for batch in dict.fromkeys((1, args.slots)):
-        prompts = [prompt] * batch
-        model.generate(prompts, max_new_tokens=args.new_tokens, temperature=0, batch_size=batch)  # compiled, untimed
-        best = min(_timed(lambda: model.generate(prompts, max_new_tokens=args.new_tokens, temperature=0,
-                                                 batch_size=batch)) for _ in range(3))
-        rows[batch] = batch * args.new_tokens / best, best / args.new_tokens * 1e3
-        print(f"{'generate':>12} {rows[batch][0]:10.0f} {'':>9} {'':>9} {rows[batch][1]:9.2f} {'':>9}  (batch {batch}, "
-              "no server)")
-    if args.slots in figures:
-        print(f"{args.slots} clients: {figures[args.slots][0] / rows[args.slots][0]:.0%} of generate's batch-{args.slots} "
-              "throughput")
-    if 1 in figures:
-        print(f"1 client: time per token {figures[1][1] / rows[1][1]:.2f}x generate's at batch 1")
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0

@@ -40,7 +40,7 @@ def test_the_page_streams_the_greedy_continuation(browser, served, greedy, monke
     from selenium.webdriver.support.ui import WebDriverWait
 
     _, url, _ = served
-    step = batching._step  # 30 ms a token, so that the page shows the stream in several states
+    step = batching._step  # 30 ms a compiled call, so that the page shows the stream in several states
     monkeypatch.setattr(batching, "_step", lambda *a, **kw: (time.sleep(0.03), step(*a, **kw))[1])
     browser.get(url + "/")
     assert "://" not in browser.page_source  # no address of another host: no script, style or font from one

@@ -5,3 +5,5 @@
   app       the ASGI app (Starlette): routes, streaming, the API key
   __main__  the command
 """
+
+SCHEDULER_STEPS = 8  # tokens each row decodes per compiled call, by default (gptjax serve --scheduler_steps)

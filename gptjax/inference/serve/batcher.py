@@ -7,6 +7,10 @@ compile a few prefills, not one each), written into the next free row and joins 
 row that ends (end-of-text, a stop string, max_tokens, a cancelled request) frees its slot at once,
 and the last busy row moves into it, so that the busy rows are always the first ones.
 
+A call of the step decodes `steps` tokens for every busy row in one compiled loop (--scheduler_steps,
+as vLLM's multi-step scheduling does): the call, the host's reading of the tokens and the streaming
+are paid once per `steps` tokens, not once a token, at the cost of a new request waiting up to that
+many steps to join, and of the tokens a row decodes past its end in the call, which are dropped.
 The step decodes only a few widths of rows (1, 4, 16, ... up to --slots: `widths`), the smallest that
 holds the busy ones: one client costs a one-row step, sixteen a sixteen-row one. The stacked cache has
 the current width's rows, grown or cut by one width when the busy rows cross one, a copy of the rows
@@ -34,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax.inference.generate import GEMV_ROWS, _compute_params, _ordered_bits, _threshold, argmax, output_matrix
+from gptjax.inference.serve import SCHEDULER_STEPS
 from gptjax.inference.stops import StopText
 from gptjax.model.score import bucket
 
@@ -125,19 +130,26 @@ def _resize(caches, *, W):
     return jax.tree.map(one, caches)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches",))
-def _step(params, head_DV, caches, tok_n, pos_n, controls, want, *, graphdef):
-    """One token for every row of `caches`, with the parameters already in the compute dtype (and the output
-    layer as generate's output_matrix where head_DV is given: one row, on a CPU)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps"), donate_argnames=("caches",))
+def _step(params, head_DV, caches, tok_n, pos_n, controls, want, *, graphdef, steps):
+    """`steps` tokens for every row of `caches`, in one compiled loop, with the parameters already in the compute
+    dtype (and the output layer as generate's output_matrix where head_DV is given: one row, on a CPU). Returns
+    each row's tokens (n, steps), their log-probabilities (n, steps) and tops (n, steps, TOP) twice, the caches."""
     model = nnx.merge(graphdef, params)
+    seed_n, t_n, temp_n, topk_n, topp_n = controls
 
     def one(cache, tok, pos):
         logits_11V, cache = model.decode(tok[None, None], cache, positions_BT=pos[None, None], head_DV=head_DV)
         return logits_11V[0, 0], cache
 
-    logits_nV, caches = jax.vmap(one)(caches, tok_n, pos_n)
-    tok_n = pick(logits_nV, *controls)
-    return tok_n, scores(logits_nV, tok_n, want), caches
+    def step(carry, i):
+        caches, tok_n = carry
+        logits_nV, caches = jax.vmap(one)(caches, tok_n, pos_n + i)
+        tok_n = pick(logits_nV, seed_n, t_n + i, temp_n, topk_n, topp_n)
+        return (caches, tok_n), (tok_n, scores(logits_nV, tok_n, want))
+
+    (caches, _), (tok_kn, (logp_kn, ids_knN, lps_knN)) = jax.lax.scan(step, (caches, tok_n), jnp.arange(steps))
+    return tok_kn.T, logp_kn.T, ids_knN.transpose(1, 0, 2), lps_knN.transpose(1, 0, 2), caches
 
 
 @dataclass
@@ -172,8 +184,8 @@ class Batcher:
     """The slots and the thread that decodes them; `submit` a Request, set its `cancelled` to drop it.
     The busy rows are rows[:busy], and the stacked cache has `width` rows, one of `widths(slots)`."""
 
-    def __init__(self, model, slots: int = 16):
-        self.model, self.n = model, slots
+    def __init__(self, model, slots: int = 16, steps: int = SCHEDULER_STEPS):
+        self.model, self.n, self.steps = model, slots, steps
         self.S = model.config.model.block_size
         self.eot = model.tokenizer.eot_id
         self.widths = widths(slots)
@@ -243,10 +255,9 @@ class Batcher:
     def _decode(self, W: int, want: bool):
         rows = self.rows[:W]
         head_DV = self.head_DV if W <= GEMV_ROWS else None
-        tok, (logp, top_ids, top_lps), self.caches = _step(self.params, head_DV, self.caches, self.tok[:W],
-                                                           self.pos[:W], self._controls(rows), want,
-                                                           graphdef=self.model.graphdef)
-        return np.asarray(tok), np.asarray(logp), np.asarray(top_ids), np.asarray(top_lps)
+        *out, self.caches = _step(self.params, head_DV, self.caches, self.tok[:W], self.pos[:W], self._controls(rows),
+                                  want, graphdef=self.model.graphdef, steps=self.steps)
+        return [np.asarray(x) for x in out]
 
     def _admit(self, r: Request) -> None:
         slot = self.busy()
@@ -265,30 +276,35 @@ class Batcher:
         self.caches = _insert(self.caches, cache, np.int32(slot))
         self.rows[slot], self.pos[slot] = r, L
         logp, ids, lps = (np.asarray(x) for x in first)
-        self._take(slot, int(tok), float(logp), _tops(ids[None], lps[None])[0])
+        self._take(slot, [int(tok)], [float(logp)], _tops(ids[None], lps[None]))
         self._compact()
 
-    def _take(self, slot: int, tok: int, logp: float, top: list) -> None:
-        """Hand one new token to its request; a row that has ended is set to None (_compact then closes the gap)."""
+    def _take(self, slot: int, toks: list[int], logps: list[float], tops: list) -> None:
+        """Hand a row's new tokens to its request, up to where it ends (the tokens decoded past that are dropped);
+        a row that has ended is set to None (_compact then closes the gap)."""
         r = self.rows[slot]
-        r.produced += 1
-        reason = None
-        if tok == self.eot:
-            reason, ids, logps, tops = "stop", [], [], []
-        else:
-            ids, logps, tops = [tok], [logp], [top]
+        reason, ids = None, []
+        for tok in toks:
+            r.produced += 1
+            if tok == self.eot:
+                reason = "stop"
+                break
+            ids.append(tok)
             r.tokens += 1
-            if r.text.feed(ids):
+            if r.text.feed([tok]):
                 reason = "stop"
             elif r.produced >= r.max_tokens:
                 reason = "length"
+            if reason:
+                break
         if reason:
             r.text.finish()
-        self._tell(r, ids, logps, tops if r.logprobs else None, r.text.take(), reason)
+        n = len(ids)
+        self._tell(r, ids, logps[:n], tops[:n] if r.logprobs else None, r.text.take(), reason)
         if reason or r.cancelled:
             self.rows[slot] = None
         else:
-            self.tok[slot] = tok
+            self.tok[slot] = toks[-1]
 
     def _compact(self) -> None:
         """Move the busy rows past the first free ones into them, then narrow the cache to the busy rows' width."""
@@ -345,8 +361,8 @@ class Batcher:
                 continue
             want = any(r.logprobs for r in self.rows[:b])
             tok, logp, top_ids, top_lps = self._decode(self.width, want)
-            self.pos[:b] += 1
-            tops = _tops(top_ids, top_lps) if want else [None] * b
+            self.pos[:b] += self.steps
             for slot in range(b):
-                self._take(slot, int(tok[slot]), float(logp[slot]), tops[slot])
+                tops = _tops(top_ids[slot], top_lps[slot]) if want else [None] * self.steps
+                self._take(slot, tok[slot].tolist(), logp[slot].tolist(), tops)
             self._compact()
