@@ -55,12 +55,16 @@ class Completion:
     echo: bool
 
 
-def _typed(body: dict) -> dict:
-    unknown = sorted(set(body) - set(FIELDS))
+def _typed(body, fields: dict = FIELDS) -> dict:
+    """The body's value (or default) of each of `fields`, checked for its type; an ApiError for a body that is not
+    an object, an unknown field or a value of the wrong type."""
+    if not isinstance(body, dict):
+        raise ApiError("the request body must be a JSON object.")
+    unknown = sorted(set(body) - set(fields))
     if unknown:
-        raise ApiError(f"unknown field {unknown[0]!r}; this server takes {', '.join(FIELDS)}.", unknown[0])
+        raise ApiError(f"unknown field {unknown[0]!r}; this endpoint takes {', '.join(fields)}.", unknown[0])
     values = {}
-    for name, (types, default) in FIELDS.items():
+    for name, (types, default) in fields.items():
         value = body.get(name, default)
         if value is not None and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
             names = " or ".join("number" if t is float else {int: "integer", str: "string", list: "list", bool:
@@ -74,6 +78,12 @@ def _is_ids(x) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
 
 
+def _check_vocabulary(ids: list[int], tokenizer, param: str) -> None:
+    if not all(0 <= i < tokenizer.vocab_size for i in ids):
+        raise ApiError(f"a token id of {param} is out of the vocabulary: each must be from 0 to "
+                       f"{tokenizer.vocab_size - 1}.", param)
+
+
 def _prompts(prompt, tokenizer) -> tuple[list[str], list[list[int]]]:
     """The prompts' texts and token ids: from a string, a list of strings, a list of token ids or a list of
     such lists, as OpenAI takes them (lm-evaluation-harness sends token ids)."""
@@ -83,19 +93,15 @@ def _prompts(prompt, tokenizer) -> tuple[list[str], list[list[int]]]:
     if not prompts or not all(isinstance(p, str) or _is_ids(p) for p in prompts):
         raise ApiError("prompt must be a string, a non-empty list of strings, a non-empty list of token ids, or a "
                        "list of such lists.", "prompt")
-    V = tokenizer.vocab_size
     for p in prompts:
-        if not isinstance(p, str) and not all(0 <= i < V for i in p):
-            raise ApiError(f"a token id of the prompt is out of the vocabulary: each must be from 0 to {V - 1}.",
-                           "prompt")
+        if not isinstance(p, str):
+            _check_vocabulary(p, tokenizer, "prompt")
     ids = [(tokenizer.encode(p) if isinstance(p, str) else list(p)) or [tokenizer.eot_id] for p in prompts]
     return [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts], ids  # an empty prompt starts a document
 
 
 def parse_completion(body, tokenizer, context: int, slots: int) -> Completion:
     """The request's Completion, or an ApiError that says which field is wrong and why."""
-    if not isinstance(body, dict):
-        raise ApiError("the request body must be a JSON object.")
     v = _typed(body)
     prompts, ids = _prompts(v["prompt"], tokenizer)
     try:
@@ -152,26 +158,14 @@ def tokenizer_info(tokenizer, context: int) -> dict:
             "model_max_length": context}
 
 
-def _fields(body, allowed: dict) -> dict:
-    if not isinstance(body, dict):
-        raise ApiError("the request body must be a JSON object.")
-    unknown = sorted(set(body) - set(allowed))
-    if unknown:
-        raise ApiError(f"unknown field {unknown[0]!r}; this endpoint takes {', '.join(allowed)}.", unknown[0])
-    for name, (kind, what) in allowed.items():
-        if name in body and not kind(body[name]):
-            raise ApiError(f"{name} must be {what}, got {body[name]!r}.", name)
-    return body
-
-
-_MODEL = (lambda v: isinstance(v, str), "a string")
+TOKENIZE = {"model": ((str,), None), "prompt": ((str,), None), "add_special_tokens": ((bool,), False)}
+DETOKENIZE = {"model": ((str,), None), "tokens": ((list,), None)}
 
 
 def tokenize(body, tokenizer, context: int) -> dict:
     """POST /tokenize {"prompt": text}: its token ids; the end-of-text token's own text is that token."""
-    v = _fields(body, {"model": _MODEL, "prompt": (lambda v: isinstance(v, str), "a string"),
-                       "add_special_tokens": (lambda v: isinstance(v, bool), "a boolean")})
-    if "prompt" not in v:
+    v = _typed(body, TOKENIZE)
+    if v["prompt"] is None:
         raise ApiError("prompt is required: the text to tokenize.", "prompt")
     parts = v["prompt"].split(ENDOFTEXT)
     ids = tokenizer.encode(parts[0])
@@ -182,12 +176,12 @@ def tokenize(body, tokenizer, context: int) -> dict:
 
 def detokenize(body, tokenizer) -> dict:
     """POST /detokenize {"tokens": ids}: their text, the end-of-text token written as its own text."""
-    v = _fields(body, {"model": _MODEL, "tokens": (_is_ids, "a non-empty list of token ids")})
-    if "tokens" not in v:
+    v = _typed(body, DETOKENIZE)
+    if v["tokens"] is None:
         raise ApiError("tokens is required: the token ids to turn into text.", "tokens")
-    if not all(0 <= i < tokenizer.vocab_size for i in v["tokens"]):
-        raise ApiError(f"a token id is out of the vocabulary: each must be from 0 to {tokenizer.vocab_size - 1}.",
-                       "tokens")
+    if not _is_ids(v["tokens"]):
+        raise ApiError(f"tokens must be a non-empty list of token ids, got {v['tokens']!r}.", "tokens")
+    _check_vocabulary(v["tokens"], tokenizer, "tokens")
     pieces, run = [], []
     for i in [*v["tokens"], tokenizer.eot_id]:
         if i == tokenizer.eot_id:

@@ -229,7 +229,7 @@ class Batcher:
             self._resize(W)
             self.caches = _insert(self.caches, cache, np.int32(0))
             self.caches = _move(self.caches, np.int32(0), np.int32(W - 1))
-            self._decode(W, False)
+            self._decode(False)
             if i:
                 self._resize(self.widths[i - 1])
                 self._resize(W)
@@ -266,11 +266,12 @@ class Batcher:
             self.width = self.widths[i + 1 if W > self.width else i - 1]
             self.caches = _resize(self.caches, W=self.width)
 
-    def _decode(self, W: int, want: bool):
-        rows = self.rows[:W]
+    def _decode(self, want: bool):
+        """A call of the step over the cache's rows (its width); `want`: a row asked for logprobs."""
+        W = self.width
         head_DV = self.head_DV if W <= GEMV_ROWS else None
-        *out, self.caches = _step(self.params, head_DV, self.caches, self.tok[:W], self.pos[:W], self._controls(rows),
-                                  want, graphdef=self.model.graphdef, steps=self.steps)
+        *out, self.caches = _step(self.params, head_DV, self.caches, self.tok[:W], self.pos[:W],
+                                  self._controls(self.rows[:W]), want, graphdef=self.model.graphdef, steps=self.steps)
         return [np.asarray(x) for x in out]
 
     def _admit(self, r: Request) -> None:
@@ -374,7 +375,7 @@ class Batcher:
             if not b:
                 continue
             want = any(r.logprobs for r in self.rows[:b])
-            tok, logp, top_ids, top_lps = self._decode(self.width, want)
+            tok, logp, top_ids, top_lps = self._decode(want)
             self.pos[:b] += self.steps
             for slot in range(b):
                 tops = _tops(top_ids[slot], top_lps[slot]) if want else [None] * self.steps
